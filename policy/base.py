@@ -1,0 +1,98 @@
+"""The policy interface the learner and the rollout workers share.
+
+A policy is a ``torch.nn.Module`` that predicts, for a noisy sample ``x_t`` at noise level
+``t`` under a prompt conditioning ``cond``, either a velocity (flow matching, target
+``eps - x0``) or an epsilon (VP diffusion, target ``eps``). Everything model-specific —
+tokenisers, text encoders, a VAE between pixels and latents, LoRA plumbing — lives behind
+this interface, so the pure math (ELBO, samplers) only ever sees ``fn(x_t, t, cond)``.
+
+The built-in ``TinyFlowPolicy`` (pixel space) implements it today; diffusers SD3/SD3.5 and
+FLUX transformers (flow) and SD1.5 UNets (epsilon) loaded from a local directory slot in as
+further subclasses: their ``encode_prompts`` runs frozen text encoders and returns
+embeddings, ``to_images`` decodes latents with the VAE.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+# Conditioning is opaque to the math layer: a batch-first tensor or a dict of them, produced
+# by ``Policy.encode_prompts`` and passed back into ``Policy.forward`` unchanged.
+Cond = Any
+PredictionType = Literal["flow", "epsilon"]
+
+
+class Policy(nn.Module, ABC):
+    """A text-conditional generative policy over samples of shape ``sample_shape``."""
+
+    prediction_type: ClassVar[PredictionType]
+
+    @property
+    @abstractmethod
+    def sample_shape(self) -> tuple[int, ...]:
+        """Shape of one sample ``x0`` in model space (no batch dimension), e.g. (C, H, W)."""
+
+    @abstractmethod
+    def encode_prompts(self, prompts: Sequence[str]) -> Cond:
+        """Conditioning for a batch of prompts; the empty string is the unconditional prompt."""
+
+    @abstractmethod
+    def forward(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
+        """Prediction for ``x_t`` (B, *sample_shape) at noise levels ``t`` (B,) in [0, 1]."""
+
+    @abstractmethod
+    def to_images(self, x0: Tensor) -> np.ndarray:
+        """Decode samples (B, *sample_shape) to RGB images, uint8 (B, H, W, 3)."""
+
+    def from_images(self, images: np.ndarray) -> Tensor:
+        """Encode RGB images uint8 (B, H, W, 3) into model space (for supervised pretraining)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot encode images")
+
+    def select(self, cond: Cond, index: Tensor) -> Cond:
+        """Rows ``index`` of a conditioning batch (tensor or dict of tensors)."""
+        if isinstance(cond, dict):
+            return {k: v[index] for k, v in cond.items()}
+        return cond[index]
+
+
+def guided_fn(
+    policy: Policy, cond: Cond, uncond: Cond | None, guidance: float
+) -> Callable[[Tensor, Tensor], Tensor]:
+    """Close over the conditioning: ``fn(x_t, t) -> prediction`` with classifier-free guidance.
+
+    ``pred = uncond + G * (cond - uncond)``; with G == 1 (or no ``uncond``) the unconditional
+    pass is skipped entirely.
+    """
+    if guidance == 1.0 or uncond is None:
+        return lambda x, t: policy(x, t, cond)
+
+    def fn(x: Tensor, t: Tensor) -> Tensor:
+        both = policy(torch.cat([x, x]), torch.cat([t, t]), _cat_cond(cond, uncond))
+        c, u = both.chunk(2)
+        return u + guidance * (c - u)
+
+    return fn
+
+
+def _cat_cond(a: Cond, b: Cond) -> Cond:
+    if isinstance(a, dict):
+        return {k: torch.cat([a[k], b[k]]) for k in a}
+    return torch.cat([a, b])
+
+
+def images_to_unit(images: np.ndarray) -> Tensor:
+    """uint8 (B, H, W, 3) -> float (B, 3, H, W) in [-1, 1]."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float()
+    return x / 127.5 - 1.0
+
+
+def unit_to_images(x: Tensor) -> np.ndarray:
+    """float (B, 3, H, W) in [-1, 1] -> uint8 (B, H, W, 3), clamping out-of-range values."""
+    x = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()

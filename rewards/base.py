@@ -1,0 +1,70 @@
+"""The one reward interface: every reward scores a batch of images against their prompts.
+
+A reward is a callable object with a ``name`` and ``score(images, prompts) -> RewardOutput``
+where ``images`` is uint8 (B, H, W, 3) and ``prompts`` a list of B strings. It returns one
+float per image (``scores``, higher is better) and optional per-image diagnostics
+(``details``, e.g. the verifier's clause results) that are logged but never trained on.
+Rewards with weights (PickScore, HPS, ImageReward, CLIP, aesthetic, OCR) load from a local
+directory and a remote reward server speaks a small HTTP protocol; both implement this same
+interface so the reward actors never special-case a reward by name.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class RewardOutput:
+    """Scores (B,) float64 of one reward on a batch, plus per-image diagnostics."""
+
+    scores: np.ndarray
+    details: list[dict[str, Any]] = field(default_factory=list)
+
+
+class Reward(ABC):
+    """A reward function over (image, prompt) pairs."""
+
+    name: str
+
+    @abstractmethod
+    def score(self, images: np.ndarray, prompts: Sequence[str]) -> RewardOutput:
+        """Score uint8 images (B, H, W, 3) against ``prompts`` (B,)."""
+
+    @staticmethod
+    def check_batch(images: np.ndarray, prompts: Sequence[str]) -> None:
+        """Raise ``ValueError`` unless images are uint8 (B, H, W, 3) with B prompts."""
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(
+                "rewards take uint8 images of shape (B, H, W, 3); "
+                f"got {images.dtype} {images.shape}"
+            )
+        if len(prompts) != images.shape[0]:
+            raise ValueError(f"{images.shape[0]} images but {len(prompts)} prompts")
+
+
+_REGISTRY: dict[str, Callable[[], Reward]] = {}
+
+
+def register(name: str) -> Callable[[Callable[[], Reward]], Callable[[], Reward]]:
+    """Class decorator: make a reward constructible by name from the config."""
+
+    def deco(factory: Callable[[], Reward]) -> Callable[[], Reward]:
+        _REGISTRY[name] = factory
+        return factory
+
+    return deco
+
+
+def build_reward(name: str) -> Reward:
+    """Instantiate a registered reward by its config name."""
+    import rewards.builtin  # noqa: F401  (registers the built-in rewards)
+
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown reward {name!r}; registered: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]()

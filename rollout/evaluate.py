@@ -1,0 +1,54 @@
+"""Held-out evaluation: the GenEval-style accuracy of a policy on the ``shapes`` world.
+
+Component layer (no Ray): ``elborl eval``, pretraining's progress checks and the training
+driver's periodic evaluation all call ``evaluate``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from policy.base import Policy
+from rollout.generate import generate
+from services.config import EvalConfig
+from worlds.shapes.grammar import ShapesPrompt
+from worlds.shapes.verify import VerifyResult, summarize, verify_batch
+
+
+@dataclass(frozen=True)
+class EvalReport:
+    """What ``evaluate`` measured: the summary dict plus the images and per-image results."""
+
+    summary: dict[str, Any]
+    prompts: list[str]
+    images: np.ndarray
+    results: list[VerifyResult]
+
+
+def evaluate(
+    policy: Policy, prompts: Sequence[ShapesPrompt], cfg: EvalConfig, seed: int
+) -> EvalReport:
+    """Sample ``cfg.images_per_prompt`` images per prompt and verify each one.
+
+    The summary holds ``accuracy`` (fraction of images passing every clause), ``mean_reward``,
+    ``clause_accuracy`` per clause, ``num_prompts`` and ``num_images``.
+    """
+    chosen = list(prompts)[: cfg.max_prompts] if cfg.max_prompts else list(prompts)
+    if not chosen:
+        raise ValueError("evaluate() got no prompts")
+    texts = [p.text for p in chosen for _ in range(cfg.images_per_prompt)]
+    was_training = policy.training
+    policy.eval()
+    try:
+        out = generate(policy, texts, cfg.sampling, seed=seed, batch_size=cfg.batch_size)
+    finally:
+        policy.train(was_training)
+    results = verify_batch(out.images, texts)
+    summary = summarize(results)
+    summary["num_prompts"] = len(chosen)
+    summary["num_images"] = len(texts)
+    return EvalReport(summary=summary, prompts=texts, images=out.images, results=results)

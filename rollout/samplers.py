@@ -1,0 +1,407 @@
+"""Flow-matching samplers: stateless step functions and one sampling loop.
+
+Conventions (DESIGN.md section 1): ``t = sigma`` in [0, 1], ``sigma = 1`` is pure noise and
+``sigma = 0`` is data, ``x_t = (1 - t) x0 + t eps``, and the model predicts the velocity
+``v = eps - x0``, so the implied clean sample is ``x0_hat = x_t - t v``. A velocity function has
+the signature ``velocity_fn(x (B, ...), t (B,)) -> v (B, ...)``; conditioning and classifier-free
+guidance are closed over by the caller. Tensors may have any rank >= 2 (images, latents, video);
+reductions run over ``dims = tuple(range(1, x.ndim))``.
+
+Three samplers:
+
+- ``euler``: the first-order ODE step ``x + (sigma_next - sigma) v``; what
+  ``diffusers.FlowMatchEulerDiscreteScheduler`` does.
+- ``dpm2``: DPM-Solver++(2M) (Lu et al. 2022, arXiv 2211.01095) in the flow-matching
+  parameterisation ``alpha = 1 - sigma``; what ``DPMSolverMultistepScheduler(use_flow_sigmas=True,
+  prediction_type="flow_prediction", algorithm_type="dpmsolver++", solver_order=2)`` does. The
+  paper's training sampler: ELBO training needs only the final sample, so the fastest
+  deterministic solver wins.
+- ``sde``: the Flow-GRPO SDE (Liu et al. 2025, arXiv 2505.05470) with a Gaussian log-prob per
+  step, the trajectory-likelihood baseline the paper compares against.
+
+Written from the equations; the reference points were ``yifan123/flow_grpo``
+(``flow_grpo/diffusers_patch/sd3_sde_with_logprob.py``) for the SDE step and
+``jaemoo-choi/rethinking-diffusion-rl`` (``src/diffusers_patch/solver.py``) for DPM2.
+
+All step math runs in at least float32 (bf16 latents are upcast, as both references do), and each
+step returns its new state in the input dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+import torch
+from torch import Tensor
+
+Sampler = Literal["euler", "dpm2", "sde"]
+VelocityFn = Callable[[Tensor, Tensor], Tensor]
+DpmState = tuple[Tensor, float]
+"""State carried between ``dpm2_step`` calls: ``(x0_hat, sigma)`` of the previous step, where
+``x0_hat = x - sigma v`` (B, ...) is kept in the compute dtype and ``sigma`` is a Python float."""
+
+_SAMPLERS: tuple[str, ...] = get_args(Sampler)
+_HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
+
+
+def flow_timesteps(
+    num_steps: int,
+    shift: float = 1.0,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """The sampling grid: ``num_steps + 1`` sigmas from 1 down to 0.
+
+    ``s_i = 1 - i / num_steps``, then SD3's resolution shift ``s' = shift s / (1 + (shift - 1) s)``
+    (Esser et al. 2024), which for ``shift > 1`` spends more steps at high noise. The shift maps
+    1 to 1 and 0 to 0; the endpoints are pinned exactly after the arithmetic because the samplers
+    special-case ``sigma == 1`` (the SDE's noise scale) and ``sigma_next == 0`` (DPM2's final
+    first-order step), and rounding (e.g. ``1 + (0.1 - 1) != 0.1``) must not switch those off.
+
+    The shift is computed in float64 and cast to ``dtype`` once, as diffusers does.
+    Returns a (num_steps + 1,) tensor, strictly decreasing.
+    """
+    _check_num_steps(num_steps)
+    if not shift > 0:
+        raise ValueError(f"shift must be > 0, got {shift}")
+    s = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)
+    s = shift * s / (1.0 + (shift - 1.0) * s)
+    s[0], s[-1] = 1.0, 0.0
+    return s.to(device=device, dtype=dtype)
+
+
+def euler_step(x: Tensor, v: Tensor, sigma: Tensor | float, sigma_next: Tensor | float) -> Tensor:
+    """One Euler step of the probability-flow ODE ``dx/dsigma = v``: ``x + (sigma_next - sigma) v``.
+
+    ``sigma`` and ``sigma_next`` are floats, 0-d tensors, or (B,) tensors (one sigma per sample).
+    Returns the new state (B, ...) in ``x.dtype``.
+    """
+    _check_like("v", v, x)
+    dtype = _compute_dtype(x)
+    s, s_next = _as_coeff(sigma, x, dtype), _as_coeff(sigma_next, x, dtype)
+    return (x.to(dtype) + (s_next - s) * v.to(dtype)).to(x.dtype)
+
+
+def dpm2_step(
+    x: Tensor,
+    v: Tensor,
+    sigma: Tensor | float,
+    sigma_next: Tensor | float,
+    prev: DpmState | None,
+) -> tuple[Tensor, DpmState]:
+    """One DPM-Solver++(2M) step for flow matching; returns ``(x_next, state)``.
+
+    With ``alpha = 1 - sigma``, the log-SNR ``lambda = log(alpha / sigma)``, the data prediction
+    ``x0_hat = x - sigma v`` and ``h = lambda_next - lambda``, DPM-Solver++ integrates the ODE
+    exactly in the linear part and approximates ``x0_hat`` as a polynomial in lambda:
+
+        x_next = (sigma_next / sigma) x + alpha_next (1 - e^{-h}) D
+        D = x0_hat                                          (first order)
+        D = x0_hat + (h / (2 h_prev)) (x0_hat - x0_hat_prev)  (second order, multistep)
+
+    where ``h_prev = lambda - lambda_prev``. ``alpha_next (1 - e^{-h})`` is evaluated as
+    ``alpha_next - sigma_next alpha / sigma``, which stays finite at sigma = 1 (lambda = -inf) and
+    sigma_next = 0 (lambda = +inf). The first-order step is algebraically the Euler step.
+
+    The step is first-order when (as diffusers' ``DPMSolverMultistepScheduler`` does):
+    - ``prev is None`` (the first step: there is no earlier x0_hat);
+    - ``sigma_next == 0`` (``lower_order_final``: h is infinite, and the step lands on x0_hat);
+    - the previous sigma was 1: lambda_prev = -inf, so ``h / h_prev = 0`` and the correction
+      vanishes (the limit diffusers computes too). On a grid that starts at sigma = 1, steps 0 and
+      1 are therefore both first-order.
+
+    Args:
+        x: the state at ``sigma`` (B, ...).
+        v: the velocity at ``(x, sigma)`` (B, ...).
+        sigma, sigma_next: scalars (float or one-element tensor), ``0 <= sigma_next < sigma <= 1``.
+        prev: ``None`` on the first step, else the state returned by the previous call.
+
+    Returns:
+        ``x_next`` (B, ...) in ``x.dtype`` and the state ``(x0_hat, sigma)`` for the next call.
+    """
+    _check_like("v", v, x)
+    s, s_next = _as_scalar("sigma", sigma), _as_scalar("sigma_next", sigma_next)
+    if not 0.0 <= s_next < s <= 1.0:
+        raise ValueError(f"need 0 <= sigma_next < sigma <= 1, got sigma={s}, sigma_next={s_next}")
+    dtype = _compute_dtype(x)
+    x_c = x.to(dtype)
+    x0_hat = x_c - s * v.to(dtype)
+    d = x0_hat
+    if prev is not None:
+        x0_prev, s_prev = prev
+        _check_like("prev x0_hat", x0_prev, x)
+        if not s_prev > s:
+            raise ValueError(f"prev sigma must be > sigma (got {s_prev} <= {s}): state is stale")
+        if s_next > 0.0 and s_prev < 1.0:
+            h = _log_snr(s_next) - _log_snr(s)
+            h_prev = _log_snr(s) - _log_snr(s_prev)
+            d = x0_hat + (0.5 * h / h_prev) * (x0_hat - x0_prev.to(dtype))
+    coeff = (1.0 - s_next) - s_next * (1.0 - s) / s
+    x_next = (s_next / s) * x_c + coeff * d
+    return x_next.to(x.dtype), (x0_hat, s)
+
+
+@dataclass
+class SdeStepOutput:
+    """Result of one Flow-GRPO SDE step.
+
+    Attributes:
+        prev_sample: the next state x_{sigma_next} (B, ...) in the input dtype (drawn, or the one
+            passed in).
+        log_prob: Gaussian log-density of ``prev_sample`` per element, averaged over all non-batch
+            dims (B,), in the compute dtype; differentiable w.r.t. ``v`` (and ``x``).
+        mean: the transition mean mu (B, ...), compute dtype.
+        std: the transition standard deviation ``s sqrt(-dt)``, broadcastable to ``mean``
+            (0-d for a scalar sigma, (B, 1, ..., 1) for per-sample sigmas).
+    """
+
+    prev_sample: Tensor
+    log_prob: Tensor
+    mean: Tensor
+    std: Tensor
+
+
+def sde_step(
+    x: Tensor,
+    v: Tensor,
+    sigma: Tensor | float,
+    sigma_next: Tensor | float,
+    eta: float = 0.7,
+    noise: Tensor | None = None,
+    prev_sample: Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> SdeStepOutput:
+    """One Euler-Maruyama step of the Flow-GRPO reverse SDE, with its Gaussian log-prob.
+
+    The SDE with the same marginals as the ODE, noise scale ``s(sigma)``, the score
+    ``-(x + (1 - sigma) v) / sigma`` and ``dt = sigma_next - sigma < 0`` gives
+
+        mu  = x (1 + s^2 / (2 sigma) dt) + v (1 + s^2 (1 - sigma) / (2 sigma)) dt
+        std = s sqrt(-dt),   s = eta sqrt(sigma / (1 - sigma))
+        x_next = mu + std z,  z ~ N(0, I)
+
+    **sigma == 1.** ``s`` is infinite there. Like Flow-GRPO, which replaces the ``sigma`` in
+    ``1 - sigma`` by the schedule's second entry ``sigmas[1]`` when ``sigma == 1``, we use
+    ``s = eta sqrt(1 / (1 - sigma_next))``: a step from sigma = 1 is always the first step of
+    the grid, so its ``sigma_next`` *is* ``sigmas[1]``. (The drift stays finite: the
+    ``(1 - sigma)`` factor zeroes the v-correction.)
+
+    **log_prob** is the per-element Gaussian log-density
+    ``-(x_next - mu)^2 / (2 std^2) - log std - log sqrt(2 pi)``, **averaged** (not summed) over
+    all non-batch dims: Flow-GRPO's convention, which keeps ratios ``exp(lp - lp_old)`` at a
+    usable scale for any resolution. ``x_next`` is detached, so gradients flow only through mu
+    (i.e. through ``v``), which is what the policy-gradient ratio needs.
+
+    With ``prev_sample`` the log-prob of that stored sample is computed (re-evaluating a rollout
+    under new weights); otherwise a sample is drawn from ``noise`` (standard normal, x's shape)
+    or from ``generator``. The drawn sample is cast to ``x.dtype`` *before* its log-prob is
+    taken, so re-evaluating the stored sample later gives the same number.
+
+    ``eta = 0`` is exactly the Euler step; the transition is then a point mass, no noise is
+    drawn, ``prev_sample`` must not be given, and ``log_prob`` is returned as zeros (a
+    placeholder so loops can stack it; it is not a density).
+
+    ``sigma``, ``sigma_next``: floats, 0-d tensors, or (B,) tensors; ``0 <= sigma_next < sigma
+    <= 1`` elementwise.
+    """
+    _check_sde_args(x, v, sigma, sigma_next, eta, noise, prev_sample, generator)
+    dtype = _compute_dtype(x)
+    s, s_next = _as_coeff(sigma, x, dtype), _as_coeff(sigma_next, x, dtype)
+    dt = s_next - s
+    noise_scale = eta * torch.sqrt(s / (1.0 - torch.where(s >= 1.0, s_next, s)))
+    x_c, v_c = x.to(dtype), v.to(dtype)
+    mean = (x_c * (1.0 + noise_scale**2 / (2.0 * s) * dt)
+            + v_c * (1.0 + noise_scale**2 * (1.0 - s) / (2.0 * s)) * dt)
+    std = noise_scale * torch.sqrt(-dt)
+    batch = x.shape[0]
+    if eta == 0.0:
+        zeros = torch.zeros(batch, dtype=dtype, device=x.device)
+        return SdeStepOutput(mean.to(x.dtype), zeros, mean, std)
+    if prev_sample is None:
+        if noise is None:
+            noise = torch.randn(x.shape, generator=generator, dtype=dtype, device=x.device)
+        prev_sample = (mean + std * noise.to(dtype)).detach().to(x.dtype)
+    y = prev_sample.detach().to(dtype)
+    log_density = -((y - mean) ** 2) / (2.0 * std**2) - torch.log(std) - _HALF_LOG_2PI
+    log_prob = log_density.mean(dim=tuple(range(1, x.ndim)))
+    return SdeStepOutput(prev_sample, log_prob, mean, std)
+
+
+@dataclass
+class SampleOutput:
+    """Result of ``sample``.
+
+    Attributes:
+        x0: the final sample (B, ...), in the noise's dtype.
+        timesteps: the sigma grid used, (S + 1,), from 1 to 0.
+        trajectory: all states x_{t_0} = noise, ..., x_{t_S} = x0 as (B, S + 1, ...), when
+            ``return_trajectory`` or ``sampler == "sde"``; else None.
+        log_probs: per-step SDE log-probs (B, N) for the N stochastic steps (N = S, or
+            ``sde_steps``), ``sampler == "sde"`` only; else None.
+    """
+
+    x0: Tensor
+    timesteps: Tensor
+    trajectory: Tensor | None
+    log_probs: Tensor | None
+
+
+def sample(
+    velocity_fn: VelocityFn,
+    noise: Tensor,
+    *,
+    sampler: Sampler = "dpm2",
+    num_steps: int = 10,
+    shift: float = 1.0,
+    eta: float = 0.7,
+    generator: torch.Generator | None = None,
+    return_trajectory: bool = False,
+    sde_steps: int | None = None,
+) -> SampleOutput:
+    """Integrate from ``noise`` (at sigma = 1) to a sample (at sigma = 0) on ``flow_timesteps``.
+
+    Runs under ``torch.no_grad()``. ``velocity_fn`` gets the state in the noise's dtype and
+    ``t`` as a (B,) tensor in the grid's dtype (float32, or float64 for float64 noise).
+
+    Args:
+        velocity_fn: ``(x (B, ...), t (B,)) -> v (B, ...)``.
+        noise: the initial state x_1 (B, ...), any rank >= 2.
+        sampler: ``"euler"``, ``"dpm2"`` (default; DPM-Solver++(2M)) or ``"sde"`` (Flow-GRPO).
+        num_steps: S, the number of velocity evaluations.
+        shift: SD3 resolution shift of the grid (see ``flow_timesteps``).
+        eta: SDE noise level (``sampler == "sde"`` only); 0 gives the Euler ODE.
+        generator: RNG for the SDE noise.
+        return_trajectory: also return every intermediate state (always on for ``"sde"``).
+        sde_steps: ``sampler == "sde"`` only: add noise in the first ``sde_steps`` steps and take
+            Euler steps after them (``log_probs`` then has ``sde_steps`` columns).
+    """
+    _check_sample_args(noise, sampler, num_steps, shift, eta, sde_steps)
+    timesteps = flow_timesteps(num_steps, shift, device=noise.device, dtype=_compute_dtype(noise))
+    num_noisy = num_steps if sde_steps is None else sde_steps
+    keep = return_trajectory or sampler == "sde"
+    batch = noise.shape[0]
+    x = noise
+    states, log_probs = [x], []
+    state: DpmState | None = None
+    with torch.no_grad():
+        for i in range(num_steps):
+            sigma, sigma_next = timesteps[i], timesteps[i + 1]
+            v = velocity_fn(x, sigma.repeat(batch))
+            if sampler == "dpm2":
+                x, state = dpm2_step(x, v, sigma, sigma_next, state)
+            elif sampler == "sde" and i < num_noisy:
+                out = sde_step(x, v, sigma, sigma_next, eta=eta, generator=generator)
+                x = out.prev_sample
+                log_probs.append(out.log_prob)
+            else:
+                x = euler_step(x, v, sigma, sigma_next)
+            if keep:
+                states.append(x)
+    return SampleOutput(
+        x0=x,
+        timesteps=timesteps,
+        trajectory=torch.stack(states, dim=1) if keep else None,
+        log_probs=torch.stack(log_probs, dim=1) if sampler == "sde" else None,
+    )
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    """float32, or float64 if ``x`` is float64: low-precision states are upcast for the step."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def _log_snr(sigma: float) -> float:
+    """lambda = log(alpha / sigma) with alpha = 1 - sigma (finite for 0 < sigma < 1)."""
+    return math.log((1.0 - sigma) / sigma)
+
+
+def _as_scalar(name: str, sigma: Tensor | float) -> float:
+    """A float from a float or a one-element tensor (DPM2's grid is shared by the batch)."""
+    if isinstance(sigma, Tensor):
+        if sigma.numel() != 1:
+            shape = tuple(sigma.shape)
+            raise ValueError(f"{name} must be a scalar for dpm2_step, got shape {shape}")
+        return float(sigma.item())
+    return float(sigma)
+
+
+def _as_coeff(sigma: Tensor | float, x: Tensor, dtype: torch.dtype) -> Tensor:
+    """``sigma`` as a tensor that broadcasts against x: 0-d, or (B, 1, ..., 1) from (B,)."""
+    s = torch.as_tensor(sigma, dtype=dtype, device=x.device)
+    if s.ndim == 0:
+        return s
+    if s.shape == (x.shape[0],):
+        return s.view(-1, *([1] * (x.ndim - 1)))
+    raise ValueError(f"sigma must be a scalar or shape ({x.shape[0]},), got {tuple(s.shape)}")
+
+
+def _check_like(name: str, t: Tensor, x: Tensor) -> None:
+    if t.shape != x.shape:
+        raise ValueError(f"{name} has shape {tuple(t.shape)}, expected x's {tuple(x.shape)}")
+
+
+def _check_num_steps(num_steps: int) -> None:
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"num_steps must be an int >= 1, got {num_steps!r}")
+
+
+def _check_eta(eta: float) -> None:
+    if not (math.isfinite(eta) and eta >= 0.0):
+        raise ValueError(f"eta must be finite and >= 0, got {eta}")
+
+
+def _check_sde_args(
+    x: Tensor,
+    v: Tensor,
+    sigma: Tensor | float,
+    sigma_next: Tensor | float,
+    eta: float,
+    noise: Tensor | None,
+    prev_sample: Tensor | None,
+    generator: torch.Generator | None,
+) -> None:
+    """Reject inputs for which the SDE transition or its log-prob is undefined or ambiguous."""
+    _check_like("v", v, x)
+    _check_eta(eta)
+    s, s_next = torch.as_tensor(sigma), torch.as_tensor(sigma_next)
+    if not bool(((s_next >= 0.0) & (s_next < s) & (s <= 1.0)).all()):
+        raise ValueError(
+            "need 0 <= sigma_next < sigma <= 1, "
+            f"got sigma={s.tolist()}, sigma_next={s_next.tolist()}"
+        )
+    if prev_sample is not None and (noise is not None or generator is not None):
+        raise ValueError("pass prev_sample (to score it) or noise/generator (to draw), not both")
+    if noise is not None and generator is not None:
+        raise ValueError("pass noise or generator, not both")
+    if prev_sample is not None and eta == 0.0:
+        raise ValueError("eta = 0 is deterministic: a given prev_sample has no density to score")
+    for name, t in (("noise", noise), ("prev_sample", prev_sample)):
+        if t is not None:
+            _check_like(name, t, x)
+
+
+def _check_sample_args(
+    noise: Tensor,
+    sampler: str,
+    num_steps: int,
+    shift: float,
+    eta: float,
+    sde_steps: int | None,
+) -> None:
+    """User-facing validation for ``sample``: concise errors rather than silent correction."""
+    if sampler not in _SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; expected one of {', '.join(_SAMPLERS)}")
+    _check_num_steps(num_steps)
+    _check_eta(eta)
+    if not shift > 0:
+        raise ValueError(f"shift must be > 0, got {shift}")
+    if noise.ndim < 2 or not noise.is_floating_point():
+        raise ValueError(f"noise must be a float tensor (B, ...) of rank >= 2, got {noise.shape}")
+    if sde_steps is not None:
+        if sampler != "sde":
+            raise ValueError(f"sde_steps applies only to sampler='sde', got sampler={sampler!r}")
+        if isinstance(sde_steps, bool) or not 1 <= sde_steps <= num_steps:
+            raise ValueError(f"sde_steps must be in [1, num_steps={num_steps}], got {sde_steps}")

@@ -1,0 +1,146 @@
+"""The ``elborl`` command line.
+
+Every subcommand validates its configuration first (pydantic; fast, before torch, Ray or
+diffusers are imported) and exits with status 2 and a message naming the file, line and
+field when anything is wrong. Heavy imports happen inside the subcommands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from services.config import ConfigError, RunConfig, config_to_yaml, load_config
+
+DEFAULT_CONFIG = "configs/shapes.yaml"
+log = logging.getLogger("elborl")
+
+
+def _add_config_args(p: argparse.ArgumentParser, default: str | None = DEFAULT_CONFIG) -> None:
+    p.add_argument(
+        "--config",
+        default=default,
+        metavar="FILE",
+        help=f"YAML run configuration (default: {default}; built-in defaults if absent)",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one field, e.g. --set learner.lr=1e-4 (repeatable)",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def _load(args: argparse.Namespace) -> RunConfig:
+    path = args.config
+    if path == DEFAULT_CONFIG and not Path(path).exists():
+        path = None  # run from outside the repo: built-in defaults
+    return load_config(path, args.overrides)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="elborl",
+        description="RL fine-tuning of text-to-image flow/diffusion models with ELBO likelihoods.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("pretrain", help="pretrain the built-in base policy on rendered shapes")
+    _add_config_args(p, "configs/pretrain.yaml")
+    p.add_argument(
+        "--output", metavar="DIR", help="checkpoint directory (default: pretrain.output)"
+    )
+    p.set_defaults(func=_cmd_pretrain)
+
+    p = sub.add_parser("eval", help="held-out GenEval-style accuracy of a checkpoint")
+    _add_config_args(p)
+    p.add_argument(
+        "--checkpoint", metavar="PATH", help="policy directory (default: model.checkpoint)"
+    )
+    p.add_argument(
+        "--prompts", metavar="FILE", help="prompts file, one per line (default: held-out split)"
+    )
+    p.add_argument(
+        "--num-images",
+        type=int,
+        metavar="N",
+        help="images per prompt (default: eval.images_per_prompt)",
+    )
+    p.add_argument("--max-prompts", type=int, metavar="N", help="evaluate only the first N prompts")
+    p.add_argument("--seed", type=int, help="sampling seed (default: the config's seed)")
+    p.add_argument(
+        "--grid",
+        metavar="PNG",
+        help="also save a grid of the first 32 images with prompts and scores",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("train", help="RL fine-tuning on a local or remote Ray cluster")
+    _add_config_args(p)
+    p.add_argument(
+        "--address",
+        metavar="ADDR",
+        help="Ray cluster to join (default: RAY_ADDRESS or a local one)",
+    )
+    p.add_argument(
+        "--resume", action="store_true", help="continue the latest complete checkpoint of the run"
+    )
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("config", help="validate a configuration and print it fully resolved")
+    _add_config_args(p)
+    p.set_defaults(func=_cmd_config)
+    return parser
+
+
+def _cmd_config(args: argparse.Namespace, cfg: RunConfig) -> int:
+    sys.stdout.write(config_to_yaml(cfg))
+    return 0
+
+
+def _cmd_pretrain(args: argparse.Namespace, cfg: RunConfig) -> int:
+    from services.commands import run_pretrain
+
+    return run_pretrain(cfg, output=args.output, config_path=args.config, overrides=args.overrides)
+
+
+def _cmd_eval(args: argparse.Namespace, cfg: RunConfig) -> int:
+    from services.commands import run_eval
+
+    return run_eval(cfg, args)
+
+
+def _cmd_train(args: argparse.Namespace, cfg: RunConfig) -> int:
+    from services.commands import run_train
+
+    return run_train(cfg, args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        cfg = _load(args)
+        func: Callable[[argparse.Namespace, RunConfig], int] = args.func
+        return func(args, cfg)
+    except ConfigError as exc:
+        print(f"elborl {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"elborl {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+"""Bodies of the ``elborl`` subcommands (imported lazily by ``services.cli``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from services.config import ConfigError, RunConfig
+from worlds.shapes.grammar import ShapesPrompt, load_prompt_file, split_prompts
+
+log = logging.getLogger("elborl")
+SPLITS = ("train", "heldout", "all")
+
+
+def resolve_prompts(spec: str, field: str) -> list[ShapesPrompt]:
+    """Prompts named by a config value: a split name or a prompts file path."""
+    if spec in SPLITS:
+        return split_prompts(spec)
+    if not Path(spec).exists():
+        raise ConfigError(
+            f"{field} = {spec!r} is neither a split ({', '.join(SPLITS)}) nor an existing file"
+        )
+    try:
+        return load_prompt_file(spec)
+    except ValueError as exc:
+        raise ConfigError(f"{field}: {exc}") from exc
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        )
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _setup_torch() -> None:
+    """Use every core unless OMP_NUM_THREADS says otherwise (tests and Ray workers set it)."""
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, os.cpu_count() or 1))
+
+
+def run_pretrain(
+    cfg: RunConfig, output: str | None, config_path: str | None, overrides: list[str]
+) -> int:
+    """``elborl pretrain``: train the base policy from scratch and save its EMA weights."""
+    from policy.io import build_tiny, save_policy
+    from policy.pretrain import pretrain
+
+    _setup_torch()
+    out = Path(output or cfg.pretrain.output)
+    train = resolve_prompts(cfg.world.train_prompts, "world.train_prompts")
+    heldout = resolve_prompts(cfg.world.eval_prompts, "world.eval_prompts")
+    policy = build_tiny(cfg.world.image_size, cfg.model.arch.model_dump())
+    nparams = sum(p.numel() for p in policy.parameters())
+    log.info(
+        "pretraining a %.2f M-parameter policy on %d prompts -> %s", nparams / 1e6, len(train), out
+    )
+    ema, state = pretrain(policy, train, heldout, cfg.pretrain, cfg.eval, seed=cfg.seed)
+    provenance: dict[str, Any] = {
+        "command": " ".join(
+            [
+                "elborl pretrain",
+                *(["--config", config_path] if config_path else []),
+                *(f"--set {o}" for o in overrides),
+            ]
+        ),
+        "seed": cfg.seed,
+        "steps": state.step,
+        "seconds": round(state.seconds, 1),
+        "final_loss_ema": round(state.loss_ema, 5),
+        "evals": state.evals,
+        "parameters": nparams,
+        "pretrain": cfg.pretrain.model_dump(mode="json"),
+        "eval": cfg.eval.model_dump(mode="json"),
+        "git_commit": _git_commit(),
+        "torch": torch.__version__,
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}",
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    save_policy(ema, out, provenance)
+    last = state.evals[-1] if state.evals else {}
+    log.info(
+        "saved %s after %d steps (%.1f min); held-out accuracy %s",
+        out,
+        state.step,
+        state.seconds / 60,
+        last.get("accuracy", "n/a"),
+    )
+    return 0
+
+
+def run_eval(cfg: RunConfig, args: argparse.Namespace) -> int:
+    """``elborl eval``: sample held-out prompts, verify, print JSON or a table."""
+    from policy.io import load_policy
+    from rollout.evaluate import evaluate
+
+    if args.num_images is not None and args.num_images < 1:
+        raise ConfigError(f"--num-images must be >= 1, got {args.num_images}")
+    if args.max_prompts is not None and args.max_prompts < 1:
+        raise ConfigError(f"--max-prompts must be >= 1, got {args.max_prompts}")
+    checkpoint = args.checkpoint or cfg.model.checkpoint
+    if not checkpoint:
+        raise ConfigError("no checkpoint: pass --checkpoint DIR or set model.checkpoint")
+    prompts = (
+        resolve_prompts(args.prompts, "--prompts")
+        if args.prompts
+        else resolve_prompts(cfg.world.eval_prompts, "world.eval_prompts")
+    )
+    try:
+        policy = load_policy(checkpoint)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    _setup_torch()
+    eval_cfg = cfg.eval.model_copy(
+        update={
+            k: v
+            for k, v in (("images_per_prompt", args.num_images), ("max_prompts", args.max_prompts))
+            if v is not None
+        }
+    )
+    seed = cfg.seed if args.seed is None else args.seed
+    start = time.monotonic()
+    report = evaluate(policy, prompts, eval_cfg, seed=seed)
+    summary = {
+        **report.summary,
+        "checkpoint": str(checkpoint),
+        "seed": seed,
+        "sampler": eval_cfg.sampling.sampler,
+        "num_steps": eval_cfg.sampling.num_steps,
+        "seconds": round(time.monotonic() - start, 2),
+    }
+    if args.grid:
+        from services.viz import save_sample_grid
+
+        k = min(32, len(report.prompts))
+        save_sample_grid(
+            args.grid, report.images[:k], report.prompts[:k], [r.score for r in report.results[:k]]
+        )
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        _print_eval_table(summary)
+    return 0
+
+
+def _print_eval_table(summary: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"elborl eval: {summary['checkpoint']}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_row("accuracy (all clauses)", f"{summary['accuracy']:.3f}")
+    table.add_row("mean reward", f"{summary['mean_reward']:.3f}")
+    for clause, acc in sorted(summary["clause_accuracy"].items()):
+        table.add_row(f"  {clause}", f"{acc:.3f}")
+    table.add_row("prompts / images", f"{summary['num_prompts']} / {summary['num_images']}")
+    table.add_row("sampler", f"{summary['sampler']}, {summary['num_steps']} steps")
+    table.add_row("seconds", f"{summary['seconds']:.1f}")
+    Console(file=sys.stdout).print(table)
+
+
+def run_train(cfg: RunConfig, args: argparse.Namespace) -> int:
+    """``elborl train``: the distributed RL driver (see services/driver.py)."""
+    from services.driver import train
+
+    return train(cfg, address=args.address, resume=args.resume, config_path=args.config)

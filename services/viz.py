@@ -1,0 +1,69 @@
+"""Pictures people would rather look at than read: sample grids and curves."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    lines, line = [], ""
+    for word in text.split():
+        if line and len(line) + 1 + len(word) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}".strip()
+    return [*lines, line] if line else lines
+
+
+def sample_grid(
+    images: np.ndarray,
+    captions: Sequence[str],
+    scores: Sequence[float] | None = None,
+    columns: int = 8,
+    scale: int = 4,
+) -> Image.Image:
+    """A grid of uint8 images (B, H, W, 3), each upscaled ``scale`` x with its caption below.
+
+    Captions are wrapped to the cell width; a score, when given, is appended as ``[0.67]`` and
+    coloured green for 1.0, red below.
+    """
+    if len(images) != len(captions):
+        raise ValueError(f"{len(images)} images but {len(captions)} captions")
+    n, h, w = images.shape[0], images.shape[1] * scale, images.shape[2] * scale
+    cols = max(1, min(columns, n))
+    rows = (n + cols - 1) // cols
+    font = ImageFont.load_default()
+    chars = max(8, w // 6)
+    text_h = 4 * 11 + 4
+    grid = Image.new("RGB", (cols * (w + 4) + 4, rows * (h + text_h + 4) + 4), "white")
+    draw = ImageDraw.Draw(grid)
+    for i in range(n):
+        x, y = 4 + (i % cols) * (w + 4), 4 + (i // cols) * (h + text_h + 4)
+        grid.paste(Image.fromarray(images[i]).resize((w, h), Image.Resampling.NEAREST), (x, y))
+        lines = _wrap(captions[i], chars)[:3]
+        colour = "black"
+        if scores is not None:
+            lines.append(f"[{scores[i]:.2f}]")
+            colour = "darkgreen" if scores[i] >= 1.0 else "firebrick"
+        for k, line in enumerate(lines):
+            draw.text((x, y + h + 2 + 11 * k), line, fill=colour, font=font)
+    return grid
+
+
+def save_sample_grid(
+    path: str | Path,
+    images: np.ndarray,
+    captions: Sequence[str],
+    scores: Sequence[float] | None = None,
+    columns: int = 8,
+) -> Path:
+    """Write ``sample_grid(...)`` as a PNG, creating parent directories."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sample_grid(images, captions, scores, columns=columns).save(out)
+    return out
