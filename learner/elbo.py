@@ -146,8 +146,9 @@ def sample_timesteps(
     if num_samples < 1 or num_timesteps < 1:
         raise ValueError(f"need num_samples, num_timesteps >= 1: {num_samples}, {num_timesteps}")
     rng_device = generator.device if generator is not None else device
-    u = 1.0 - torch.rand(num_samples, num_timesteps, generator=generator, device=rng_device,
-                         dtype=torch.float64)
+    u = 1.0 - torch.rand(
+        num_samples, num_timesteps, generator=generator, device=rng_device, dtype=torch.float64
+    )
     t = (u if icdf is None else icdf(u)).to(device=device, dtype=dtype)
     _check_unit_interval("t = icdf(u)", t, closed_right=True)
     return t
@@ -248,8 +249,15 @@ def flow_elbo(
     Gradient mode is the caller's: wrap the old and reference passes in ``torch.no_grad()``.
     """
     velocity = model(draw.x_t, draw.t, cond)
-    elbo = flow_elbo_from_velocity(velocity, x0, draw, weighting, cfg_scale=cfg_scale,
-                                   reduction=reduction, exact_t_offset=exact_t_offset)
+    elbo = flow_elbo_from_velocity(
+        velocity,
+        x0,
+        draw,
+        weighting,
+        cfg_scale=cfg_scale,
+        reduction=reduction,
+        exact_t_offset=exact_t_offset,
+    )
     return ElboOutput(elbo=elbo, prediction=velocity)
 
 
@@ -380,8 +388,9 @@ def vp_elbo(
     ``vp_elbo_from_epsilon``. ``t`` is passed as the continuous level in (0, 1); a model adapter
     for a discrete-time UNet maps it to its own timestep index."""
     epsilon = model(draw.x_t, draw.t, cond)
-    elbo = vp_elbo_from_epsilon(epsilon, x0, draw, schedule, weighting, cfg_scale=cfg_scale,
-                                reduction=reduction)
+    elbo = vp_elbo_from_epsilon(
+        epsilon, x0, draw, schedule, weighting, cfg_scale=cfg_scale, reduction=reduction
+    )
     return ElboOutput(elbo=elbo, prediction=epsilon)
 
 

@@ -42,9 +42,7 @@ from torch import Tensor
 
 from learner.elbo import EXACT_T_OFFSET, FLOW_WEIGHTINGS, VP_WEIGHTINGS
 
-PolicyLoss = Literal[
-    "epg", "pepg", "par", "grpo", "epg_noratio", "pepg_noratio", "par_noratio"
-]
+PolicyLoss = Literal["epg", "pepg", "par", "grpo", "epg_noratio", "pepg_noratio", "par_noratio"]
 Prediction = Literal["velocity", "epsilon"]
 POLICY_LOSSES: tuple[str, ...] = get_args(PolicyLoss)
 PREDICTIONS: tuple[str, ...] = get_args(Prediction)
@@ -90,9 +88,13 @@ class LossConfig:
                 f"weighting {self.weighting!r} is not valid for {self.prediction} models; "
                 f"expected one of {allowed}"
             )
-        checks = [("clip_eps", self.clip_eps > 0), ("adv_clip_max", self.adv_clip_max > 0),
-                  ("beta", self.beta >= 0), ("cfg_scale", self.cfg_scale > 0),
-                  ("exact_t_offset", self.exact_t_offset >= 0)]
+        checks = [
+            ("clip_eps", self.clip_eps > 0),
+            ("adv_clip_max", self.adv_clip_max > 0),
+            ("beta", self.beta >= 0),
+            ("cfg_scale", self.cfg_scale > 0),
+            ("exact_t_offset", self.exact_t_offset >= 0),
+        ]
         for name, ok in checks:
             if not ok or not math.isfinite(getattr(self, name)):
                 raise ValueError(f"{name} out of range: {getattr(self, name)}")
@@ -210,8 +212,9 @@ def elbo_policy_loss(
     """
     if (kl is None) != (config.beta == 0):
         raise ValueError(f"kl must be given iff beta > 0 (beta={config.beta})")
-    per_pair = policy_loss_per_pair(elbo, elbo_old, advantages, config.loss,
-                                    config.clip_eps, config.adv_clip_max)
+    per_pair = policy_loss_per_pair(
+        elbo, elbo_old, advantages, config.loss, config.clip_eps, config.adv_clip_max
+    )
     policy = per_pair.sum() / normalizer.num_pairs
     loss = policy
     if kl is not None:
@@ -219,12 +222,14 @@ def elbo_policy_loss(
             raise ValueError(f"kl must have shape {tuple(elbo.shape)}, got {tuple(kl.shape)}")
         loss = policy + config.beta * kl.sum() / normalizer.num_pairs
     metrics = pair_metrics(elbo.detach() - elbo_old.detach(), advantages, config.clip_eps)
-    metrics.update({
-        "learner/elbo_mean": float(elbo.detach().mean()),
-        "learner/elbo_old_mean": float(elbo_old.detach().mean()),
-        "learner/policy_loss": float(policy.detach()),
-        "learner/loss": float(loss.detach()),
-    })
+    metrics.update(
+        {
+            "learner/elbo_mean": float(elbo.detach().mean()),
+            "learner/elbo_old_mean": float(elbo_old.detach().mean()),
+            "learner/policy_loss": float(policy.detach()),
+            "learner/loss": float(loss.detach()),
+        }
+    )
     if kl is not None:
         metrics["learner/kl_mean"] = float(kl.detach().mean())
     return loss, metrics

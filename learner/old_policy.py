@@ -84,8 +84,10 @@ def ema_update_(old: Mapping[str, Tensor], current: Mapping[str, Tensor], decay:
         raise ValueError(f"decay must be in [0, 1), got {decay}")
     if set(old) != set(current):
         missing, extra = set(old) - set(current), set(current) - set(old)
-        raise ValueError(f"state dicts differ: only in old {sorted(missing)[:5]}, "
-                         f"only in current {sorted(extra)[:5]}")
+        raise ValueError(
+            f"state dicts differ: only in old {sorted(missing)[:5]}, "
+            f"only in current {sorted(extra)[:5]}"
+        )
     for key, target in old.items():
         source = current[key].detach()
         if source.shape != target.shape:
@@ -94,8 +96,9 @@ def ema_update_(old: Mapping[str, Tensor], current: Mapping[str, Tensor], decay:
             target.copy_(source)
             continue
         dtype = torch.promote_types(target.dtype, torch.float32)
-        mixed = torch.lerp(target.to(dtype), source.to(device=target.device, dtype=dtype),
-                           1.0 - decay)
+        mixed = torch.lerp(
+            target.to(dtype), source.to(device=target.device, dtype=dtype), 1.0 - decay
+        )
         target.copy_(mixed)
 
 

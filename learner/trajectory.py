@@ -30,8 +30,9 @@ from learner.losses import GlobalNormalizer, clipped_surrogate, pair_metrics
 from rollout.samplers import SdeStepOutput, sde_step
 
 
-def gather_steps(trajectory: Tensor, sigmas: Tensor, step_index: Tensor
-                 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def gather_steps(
+    trajectory: Tensor, sigmas: Tensor, step_index: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Per-sample step ``i = step_index[b]``: ``(x_i, x_{i+1}, sigma_i, sigma_{i+1})``.
 
     Args:
@@ -48,8 +49,9 @@ def gather_steps(trajectory: Tensor, sigmas: Tensor, step_index: Tensor
     if sigmas.shape != (num_states,):
         raise ValueError(f"sigmas must have shape ({num_states},), got {tuple(sigmas.shape)}")
     if step_index.shape != (batch,) or step_index.dtype != torch.long:
-        raise ValueError(f"step_index must be int64 ({batch},), got {step_index.dtype} "
-                         f"{tuple(step_index.shape)}")
+        raise ValueError(
+            f"step_index must be int64 ({batch},), got {step_index.dtype} {tuple(step_index.shape)}"
+        )
     if not bool(((step_index >= 0) & (step_index < num_states - 1)).all()):
         raise ValueError(f"step_index must lie in [0, {num_states - 1})")
     rows = torch.arange(batch, device=trajectory.device)
@@ -59,7 +61,11 @@ def gather_steps(trajectory: Tensor, sigmas: Tensor, step_index: Tensor
 
 
 def trajectory_step(
-    model: ModelFn, trajectory: Tensor, sigmas: Tensor, step_index: Tensor, cond: Any,
+    model: ModelFn,
+    trajectory: Tensor,
+    sigmas: Tensor,
+    step_index: Tensor,
+    cond: Any,
     eta: float = 0.7,
 ) -> SdeStepOutput:
     """Re-score one stored step per sample under ``model``: one model call at ``(x_i, sigma_i)``.
@@ -73,7 +79,11 @@ def trajectory_step(
 
 
 def trajectory_log_probs(
-    model: ModelFn, trajectory: Tensor, sigmas: Tensor, cond: Any, eta: float = 0.7,
+    model: ModelFn,
+    trajectory: Tensor,
+    sigmas: Tensor,
+    cond: Any,
+    eta: float = 0.7,
     step_indices: Tensor | None = None,
 ) -> Tensor:
     """Per-step log-probs (B, K) of a stored trajectory under ``model``; one model call per column.
@@ -136,8 +146,9 @@ def flow_grpo_loss(
         raise ValueError(f"kl must be given iff beta > 0 (beta={beta})")
     old = old_log_prob.detach().to(log_prob.dtype)
     log_ratio = log_prob - old
-    per_pair = clipped_surrogate(log_ratio, advantages.detach().to(log_prob.dtype), clip_eps,
-                                 adv_clip_max)
+    per_pair = clipped_surrogate(
+        log_ratio, advantages.detach().to(log_prob.dtype), clip_eps, adv_clip_max
+    )
     policy = per_pair.sum() / normalizer.num_pairs
     loss = policy if kl is None else policy + beta * kl.sum() / normalizer.num_pairs
     metrics = pair_metrics(log_ratio, advantages, clip_eps)
@@ -149,10 +160,19 @@ def flow_grpo_loss(
 
 
 def flow_grpo_microbatch_loss(
-    model: ModelFn, ref_model: ModelFn | None, trajectory: Tensor, sigmas: Tensor,
-    old_log_probs: Tensor, step_index: Tensor, cond: Any, advantages: Tensor,
-    normalizer: GlobalNormalizer, eta: float = 0.7, clip_eps: float = 1e-3,
-    adv_clip_max: float = 5.0, beta: float = 0.0,
+    model: ModelFn,
+    ref_model: ModelFn | None,
+    trajectory: Tensor,
+    sigmas: Tensor,
+    old_log_probs: Tensor,
+    step_index: Tensor,
+    cond: Any,
+    advantages: Tensor,
+    normalizer: GlobalNormalizer,
+    eta: float = 0.7,
+    clip_eps: float = 1e-3,
+    adv_clip_max: float = 5.0,
+    beta: float = 0.0,
 ) -> tuple[Tensor, dict[str, float]]:
     """The baseline's reference loss for one microbatch and one step column (call per column,
     ``loss.backward()`` each: gradient accumulation, as for the ELBO path).
@@ -170,5 +190,13 @@ def flow_grpo_microbatch_loss(
         with torch.no_grad():
             ref = trajectory_step(ref_model, trajectory, sigmas, step_index, cond, eta)
         kl = sde_mean_kl(current.mean, ref.mean, current.std)
-    return flow_grpo_loss(current.log_prob, old.to(current.log_prob.device), advantages,
-                          normalizer, clip_eps, adv_clip_max, beta, kl)
+    return flow_grpo_loss(
+        current.log_prob,
+        old.to(current.log_prob.device),
+        advantages,
+        normalizer,
+        clip_eps,
+        adv_clip_max,
+        beta,
+        kl,
+    )

@@ -213,8 +213,10 @@ def sde_step(
     dt = s_next - s
     noise_scale = eta * torch.sqrt(s / (1.0 - torch.where(s >= 1.0, s_next, s)))
     x_c, v_c = x.to(dtype), v.to(dtype)
-    mean = (x_c * (1.0 + noise_scale**2 / (2.0 * s) * dt)
-            + v_c * (1.0 + noise_scale**2 * (1.0 - s) / (2.0 * s)) * dt)
+    mean = (
+        x_c * (1.0 + noise_scale**2 / (2.0 * s) * dt)
+        + v_c * (1.0 + noise_scale**2 * (1.0 - s) / (2.0 * s)) * dt
+    )
     std = noise_scale * torch.sqrt(-dt)
     batch = x.shape[0]
     if eta == 0.0:

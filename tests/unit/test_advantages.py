@@ -44,8 +44,14 @@ def test_standard_advantage_divides_by_group_or_round_std() -> None:
     torch.testing.assert_close(adv_round[:3], expected_round)
 
 
-@pytest.mark.parametrize("config", [AdvantageConfig(), AdvantageConfig(method="standard"),
-                                    AdvantageConfig(method="standard", std_scope="round")])
+@pytest.mark.parametrize(
+    "config",
+    [
+        AdvantageConfig(),
+        AdvantageConfig(method="standard"),
+        AdvantageConfig(method="standard", std_scope="round"),
+    ],
+)
 def test_group_means_are_zero_with_unsorted_sparse_labels(config: AdvantageConfig) -> None:
     gen = torch.Generator().manual_seed(0)
     labels = torch.tensor([17, 3, 17, 99, 3, 99, 17, 3] * 3)
@@ -57,8 +63,14 @@ def test_group_means_are_zero_with_unsorted_sparse_labels(config: AdvantageConfi
     assert metrics["reward/adv_mean"] == pytest.approx(0.0, abs=1e-7)
 
 
-@pytest.mark.parametrize("config", [AdvantageConfig(), AdvantageConfig(method="standard"),
-                                    AdvantageConfig(method="standard", std_scope="round")])
+@pytest.mark.parametrize(
+    "config",
+    [
+        AdvantageConfig(),
+        AdvantageConfig(method="standard"),
+        AdvantageConfig(method="standard", std_scope="round"),
+    ],
+)
 def test_degenerate_groups_give_exact_zeros_without_nan(config: AdvantageConfig) -> None:
     rewards = torch.tensor([0.1, 0.1, 0.1, 0.3])  # 0.1 * 3 / 3 != 0.1 in float: must still be 0
     adv, metrics = compute_advantages(rewards, torch.tensor([0, 0, 0, 1]), config)

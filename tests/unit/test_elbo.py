@@ -74,8 +74,10 @@ pytestmark = pytest.mark.unit
 D = 4
 GAUSS_1 = (0.5, 0.8)  # (mu, s)
 GAUSS_2 = (-0.3, 1.3)
-POINTS = torch.tensor([[0.1, -0.4, 1.2, 0.3], [0.5, 0.5, 0.5, 0.5],
-                       [-1.5, 0.2, 0.0, 2.0], [1.0, -1.0, 0.7, -0.2]], dtype=torch.float64)
+POINTS = torch.tensor(
+    [[0.1, -0.4, 1.2, 0.3], [0.5, 0.5, 0.5, 0.5], [-1.5, 0.2, 0.0, 2.0], [1.0, -1.0, 0.7, -0.2]],
+    dtype=torch.float64,
+)
 N_DRAWS = 50_000
 
 
@@ -85,10 +87,12 @@ def _log_normal(x: Tensor, mu: float, s: float) -> Tensor:
 
 def _optimal_velocity(mu: float, s: float):
     """Eq. (1) of the module docstring, as a model callable."""
+
     def model(x_t: Tensor, t: Tensor, cond: object) -> Tensor:
         a, b = (1 - t).view(-1, 1), t.view(-1, 1)
         var = a * a * s * s + b * b
         return (b - a * s * s) * (x_t - a * mu) / var - mu
+
     return model
 
 
@@ -96,6 +100,7 @@ def _optimal_epsilon(mu: float, s: float, schedule: CosineVpSchedule):
     def model(x_t: Tensor, t: Tensor, cond: object) -> Tensor:
         alpha, sigma = schedule.alpha_sigma(t.view(-1, 1))
         return sigma * (x_t - alpha * mu) / (alpha * alpha * s * s + sigma * sigma)
+
     return model
 
 
@@ -106,8 +111,7 @@ def _repeated_points() -> Tensor:
 def _flow_elbo_draws(model, x0: Tensor, gen: torch.Generator, offset: float) -> Tensor:
     t = sample_timesteps(x0.shape[0], 1, generator=gen, dtype=torch.float64)[:, 0]
     draw = flow_noise_draw(x0, t, generator=gen)
-    return flow_elbo(model, x0, None, draw, "exact", reduction="sum",
-                     exact_t_offset=offset).elbo
+    return flow_elbo(model, x0, None, draw, "exact", reduction="sum", exact_t_offset=offset).elbo
 
 
 def _assert_within_mc_error(diff: Tensor, truth: Tensor) -> None:
@@ -122,10 +126,12 @@ def test_flow_exact_elbo_difference_is_the_log_likelihood_ratio() -> None:
     x0 = _repeated_points()
     t = sample_timesteps(x0.shape[0], 1, generator=gen, dtype=torch.float64)[:, 0]
     draw = flow_noise_draw(x0, t, generator=gen)  # shared by both models
-    e1 = flow_elbo(_optimal_velocity(*GAUSS_1), x0, None, draw, "exact", reduction="sum",
-                   exact_t_offset=0.0).elbo
-    e2 = flow_elbo(_optimal_velocity(*GAUSS_2), x0, None, draw, "exact", reduction="sum",
-                   exact_t_offset=0.0).elbo
+    e1 = flow_elbo(
+        _optimal_velocity(*GAUSS_1), x0, None, draw, "exact", reduction="sum", exact_t_offset=0.0
+    ).elbo
+    e2 = flow_elbo(
+        _optimal_velocity(*GAUSS_2), x0, None, draw, "exact", reduction="sum", exact_t_offset=0.0
+    ).elbo
     truth = _log_normal(POINTS, *GAUSS_1) - _log_normal(POINTS, *GAUSS_2)
     _assert_within_mc_error(e1 - e2, truth)
     # The code's default offset 1e-3 biases the difference by O(offset log(1/offset)) only.
@@ -142,10 +148,13 @@ def test_shared_draws_have_far_lower_variance_than_independent_draws() -> None:
     model_1, model_2 = _optimal_velocity(*GAUSS_1), _optimal_velocity(*GAUSS_2)
     t = sample_timesteps(x0.shape[0], 1, generator=gen, dtype=torch.float64)[:, 0]
     draw = flow_noise_draw(x0, t, generator=gen)
-    shared = (flow_elbo(model_1, x0, None, draw, "exact", reduction="sum").elbo
-              - flow_elbo(model_2, x0, None, draw, "exact", reduction="sum").elbo)
-    independent = (_flow_elbo_draws(model_1, x0, gen, 1e-3)
-                   - _flow_elbo_draws(model_2, x0, gen, 1e-3))
+    shared = (
+        flow_elbo(model_1, x0, None, draw, "exact", reduction="sum").elbo
+        - flow_elbo(model_2, x0, None, draw, "exact", reduction="sum").elbo
+    )
+    independent = _flow_elbo_draws(model_1, x0, gen, 1e-3) - _flow_elbo_draws(
+        model_2, x0, gen, 1e-3
+    )
     ratio = float(independent.var() / shared.var())
     assert ratio > 300.0, ratio
 
@@ -155,13 +164,16 @@ def test_vp_exact_elbo_difference_is_the_log_likelihood_ratio() -> None:
     gen = torch.Generator().manual_seed(2)
     x0 = _repeated_points()
     # t in (0, 1): alpha(1) = 0, so drop the endpoint (the integrand is O(1) there: no bias).
-    t = sample_timesteps(x0.shape[0], 1, icdf=lambda u: u * (1 - 1e-9), generator=gen,
-                         dtype=torch.float64)[:, 0]
+    t = sample_timesteps(
+        x0.shape[0], 1, icdf=lambda u: u * (1 - 1e-9), generator=gen, dtype=torch.float64
+    )[:, 0]
     draw = vp_noise_draw(x0, t, schedule, generator=gen)
-    e1 = vp_elbo(_optimal_epsilon(*GAUSS_1, schedule), x0, None, draw, schedule, "exact",
-                 reduction="sum").elbo
-    e2 = vp_elbo(_optimal_epsilon(*GAUSS_2, schedule), x0, None, draw, schedule, "exact",
-                 reduction="sum").elbo
+    e1 = vp_elbo(
+        _optimal_epsilon(*GAUSS_1, schedule), x0, None, draw, schedule, "exact", reduction="sum"
+    ).elbo
+    e2 = vp_elbo(
+        _optimal_epsilon(*GAUSS_2, schedule), x0, None, draw, schedule, "exact", reduction="sum"
+    ).elbo
     truth = _log_normal(POINTS, *GAUSS_1) - _log_normal(POINTS, *GAUSS_2)
     _assert_within_mc_error(e1 - e2, truth)
 
@@ -227,7 +239,7 @@ def test_adaptive_weight_is_clamped() -> None:
     v_perfect = (draw.x_t - x0) / 0.5 + 1e-9  # x0_hat within 1e-9 of x0: weight hits 1e-5
     got = flow_elbo_from_velocity(v_perfect, x0, draw, "adaptive")
     assert torch.isfinite(got).all()
-    assert got.item() == pytest.approx(-(0.5e-9) ** 2 / 1e-5, rel=1e-6)
+    assert got.item() == pytest.approx(-((0.5e-9) ** 2) / 1e-5, rel=1e-6)
 
 
 def test_vp_weightings_match_hand_values() -> None:
@@ -260,10 +272,12 @@ def test_any_rank_reduces_over_all_non_batch_dims(shape: tuple[int, ...]) -> Non
     draw = flow_noise_draw(x0, torch.full((3,), 0.3), generator=gen)
     for weighting in ("adaptive", "x0_mse", "velocity_mse", "exact"):
         got = flow_elbo_from_velocity(v, x0, draw, weighting)
-        flat = flow_elbo_from_velocity(v.reshape(3, -1), x0.reshape(3, -1),
-                                       flow_noise_draw(x0.reshape(3, -1), draw.t,
-                                                       noise=draw.noise.reshape(3, -1)),
-                                       weighting)
+        flat = flow_elbo_from_velocity(
+            v.reshape(3, -1),
+            x0.reshape(3, -1),
+            flow_noise_draw(x0.reshape(3, -1), draw.t, noise=draw.noise.reshape(3, -1)),
+            weighting,
+        )
         assert got.shape == (3,)
         torch.testing.assert_close(got, flat)
 
@@ -297,8 +311,9 @@ def test_fresh_noise_per_draw() -> None:
     gen = torch.Generator().manual_seed(4)
     x0 = torch.zeros(2, 3)
     t = torch.full((2,), 0.5)
-    assert not torch.equal(flow_noise_draw(x0, t, generator=gen).noise,
-                           flow_noise_draw(x0, t, generator=gen).noise)
+    assert not torch.equal(
+        flow_noise_draw(x0, t, generator=gen).noise, flow_noise_draw(x0, t, generator=gen).noise
+    )
 
 
 def test_sampler_timesteps_pick_k_distinct_grid_levels_per_sample() -> None:

@@ -64,8 +64,9 @@ def test_every_loss_matches_hand_values_and_gradients(loss: str) -> None:
     torch.testing.assert_close(elbo.grad, torch.tensor(grads, dtype=torch.float64) / 2)
 
 
-@pytest.mark.parametrize("loss", ["epg", "pepg", "par", "grpo",
-                                  "epg_noratio", "pepg_noratio", "par_noratio"])
+@pytest.mark.parametrize(
+    "loss", ["epg", "pepg", "par", "grpo", "epg_noratio", "pepg_noratio", "par_noratio"]
+)
 def test_at_ratio_one_the_gradient_is_reinforce(loss: str) -> None:
     """With E = E_old (ratio 1, l = 0) every loss's gradient is -A dE / (N K)."""
     gen = torch.Generator().manual_seed(0)
@@ -74,8 +75,9 @@ def test_at_ratio_one_the_gradient_is_reinforce(loss: str) -> None:
     adv = torch.randn(5, generator=gen, dtype=torch.float64)
     elbo = features @ theta  # E(theta), (5,)
     normalizer = GlobalNormalizer(num_samples=5, num_timesteps=2)
-    total, metrics = elbo_policy_loss(elbo, elbo.detach(), adv,
-                                      LossConfig(loss=loss, beta=0.0), normalizer)  # type: ignore[arg-type]
+    total, metrics = elbo_policy_loss(
+        elbo, elbo.detach(), adv, LossConfig(loss=loss, beta=0.0), normalizer
+    )  # type: ignore[arg-type]
     total.backward()
     reinforce = -(adv @ features) / normalizer.num_pairs  # -sum_i A_i dE_i / (N K)
     torch.testing.assert_close(theta.grad, reinforce)
@@ -86,10 +88,10 @@ def test_at_ratio_one_the_gradient_is_reinforce(loss: str) -> None:
 @pytest.mark.parametrize(
     ("log_ratio", "adv", "clipped"),
     [
-        (0.01, 1.0, True),     # A > 0, r > 1 + eps: no gain from pushing r further up
-        (-0.01, 1.0, False),   # A > 0, r < 1 - eps: still pulled up
-        (-0.01, -1.0, True),   # A < 0, r < 1 - eps: no gain from pushing r further down
-        (0.01, -1.0, False),   # A < 0, r > 1 + eps: still pushed down
+        (0.01, 1.0, True),  # A > 0, r > 1 + eps: no gain from pushing r further up
+        (-0.01, 1.0, False),  # A > 0, r < 1 - eps: still pulled up
+        (-0.01, -1.0, True),  # A < 0, r < 1 - eps: no gain from pushing r further down
+        (0.01, -1.0, False),  # A < 0, r > 1 + eps: still pushed down
         (0.0005, 1.0, False),  # inside the trust region
     ],
 )
@@ -150,8 +152,10 @@ def test_the_loss_is_a_sum_over_pairs_divided_by_the_global_count() -> None:
     normalizer = GlobalNormalizer(num_samples=2, num_timesteps=3)
     config = LossConfig(loss="pepg", beta=0.0)
     whole, _ = elbo_policy_loss(elbo, old, adv, config, normalizer)
-    halves = [elbo_policy_loss(elbo[i:i + 1], old[i:i + 1], adv[i:i + 1], config, normalizer)[0]
-              for i in range(2)]
+    halves = [
+        elbo_policy_loss(elbo[i : i + 1], old[i : i + 1], adv[i : i + 1], config, normalizer)[0]
+        for i in range(2)
+    ]
     assert (halves[0] + halves[1]).item() == pytest.approx(whole.item())
     assert normalizer.num_pairs == 6
 

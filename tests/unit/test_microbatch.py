@@ -60,8 +60,13 @@ def _batch() -> dict[str, Tensor]:
     }
 
 
-def _score(model: Any, batch: dict[str, Tensor], draw: NoiseDraw, config: LossConfig,
-           schedule: VpSchedule | None) -> ElboOutput:
+def _score(
+    model: Any,
+    batch: dict[str, Tensor],
+    draw: NoiseDraw,
+    config: LossConfig,
+    schedule: VpSchedule | None,
+) -> ElboOutput:
     if schedule is None:
         return flow_elbo(model, batch["x0"], batch["cond"], draw, config.weighting)  # type: ignore[arg-type]
     return vp_elbo(model, batch["x0"], batch["cond"], draw, schedule, config.weighting)  # type: ignore[arg-type]
@@ -71,13 +76,14 @@ def _direct_pair_mean(model, old, ref, batch, config, schedule) -> Tensor:
     """The official objective written directly: mean over all B K pairs of loss + beta KL."""
     per_pair = []
     for k in range(K):
-        draw = make_noise_draw(batch["x0"], batch["t"][:, k], config, schedule,
-                               noise=batch["noise"][:, k])
-        cur, prev, reference = (_score(m, batch, draw, config, schedule)
-                                for m in (model, old, ref))
+        draw = make_noise_draw(
+            batch["x0"], batch["t"][:, k], config, schedule, noise=batch["noise"][:, k]
+        )
+        cur, prev, reference = (_score(m, batch, draw, config, schedule) for m in (model, old, ref))
         pair = policy_loss_per_pair(cur.elbo, prev.elbo, batch["adv"], config.loss)
-        per_pair.append(pair + config.beta * girsanov_kl_per_pair(cur.prediction,
-                                                                  reference.prediction))
+        per_pair.append(
+            pair + config.beta * girsanov_kl_per_pair(cur.prediction, reference.prediction)
+        )
     return torch.stack(per_pair, dim=1).mean()
 
 
@@ -102,17 +108,37 @@ def test_rank_split_gives_the_same_loss_and_gradients(
     normalizer = GlobalNormalizer(num_samples=B, num_timesteps=K)
 
     whole = copy.deepcopy(base)
-    metrics = accumulate_microbatch(whole, old, ref_or_none, batch["x0"], batch["cond"],
-                                    batch["adv"], batch["t"], config, normalizer, schedule,
-                                    noise=batch["noise"])
+    metrics = accumulate_microbatch(
+        whole,
+        old,
+        ref_or_none,
+        batch["x0"],
+        batch["cond"],
+        batch["adv"],
+        batch["t"],
+        config,
+        normalizer,
+        schedule,
+        noise=batch["noise"],
+    )
     split_loss, rank_grads = 0.0, []
     for rank in range(2):
         replica = copy.deepcopy(base)
         for micro in range(2):
             rows = slice(4 * rank + 2 * micro, 4 * rank + 2 * micro + 2)
-            m = accumulate_microbatch(replica, old, ref_or_none, batch["x0"][rows],
-                                      batch["cond"][rows], batch["adv"][rows], batch["t"][rows],
-                                      config, normalizer, schedule, noise=batch["noise"][rows])
+            m = accumulate_microbatch(
+                replica,
+                old,
+                ref_or_none,
+                batch["x0"][rows],
+                batch["cond"][rows],
+                batch["adv"][rows],
+                batch["t"][rows],
+                config,
+                normalizer,
+                schedule,
+                noise=batch["noise"][rows],
+            )
             split_loss += m["learner/loss"]
         rank_grads.append([p.grad for p in replica.parameters()])
 
@@ -133,15 +159,24 @@ def test_the_three_passes_share_one_draw_and_only_the_current_gets_gradients() -
         def fn(x: Tensor, t: Tensor, cond: object) -> Tensor:
             calls.append((name, x, t, cond))
             return model(x, t, cond)
+
         return fn
 
     base = TinyModel(seed=0)
     old, ref = _perturbed(base, 0.05, seed=1), _perturbed(base, 0.2, seed=2)
     batch = _batch()
     draw = make_noise_draw(batch["x0"], batch["t"][:, 0], LossConfig(), noise=batch["noise"][:, 0])
-    loss, _ = microbatch_loss(spy("cur", base), spy("old", old), spy("ref", ref), batch["x0"],
-                              batch["cond"], batch["adv"], draw, LossConfig(beta=1e-3),
-                              GlobalNormalizer(B, K))
+    loss, _ = microbatch_loss(
+        spy("cur", base),
+        spy("old", old),
+        spy("ref", ref),
+        batch["x0"],
+        batch["cond"],
+        batch["adv"],
+        draw,
+        LossConfig(beta=1e-3),
+        GlobalNormalizer(B, K),
+    )
     loss.backward()
     assert sorted(c[0] for c in calls) == ["cur", "old", "ref"]
     assert all(c[1] is draw.x_t and c[2] is draw.t and c[3] is batch["cond"] for c in calls)
@@ -155,8 +190,17 @@ def test_identical_old_policy_gives_ratio_one_and_the_reinforce_gradient() -> No
     config = LossConfig(loss="pepg", beta=0.0)
     normalizer = GlobalNormalizer(B, 1)
     draw = make_noise_draw(batch["x0"], batch["t"][:, 0], config, noise=batch["noise"][:, 0])
-    loss, metrics = microbatch_loss(base, copy.deepcopy(base), None, batch["x0"], batch["cond"],
-                                    batch["adv"], draw, config, normalizer)
+    loss, metrics = microbatch_loss(
+        base,
+        copy.deepcopy(base),
+        None,
+        batch["x0"],
+        batch["cond"],
+        batch["adv"],
+        draw,
+        config,
+        normalizer,
+    )
     loss.backward()
     assert metrics["learner/ratio_mean"] == pytest.approx(1.0)
     got = [torch.clone(p.grad) for p in base.parameters() if p.grad is not None]
@@ -181,13 +225,31 @@ def test_reference_pass_is_skipped_when_beta_is_zero_and_errors() -> None:
     with pytest.raises(ValueError, match="ref_model"):
         microbatch_loss(base, base, never, *args, draw, config, GlobalNormalizer(B, K))
     with pytest.raises(ValueError, match="ref_model"):
-        microbatch_loss(base, base, None, *args, draw, LossConfig(beta=1e-4),
-                        GlobalNormalizer(B, K))
+        microbatch_loss(
+            base, base, None, *args, draw, LossConfig(beta=1e-4), GlobalNormalizer(B, K)
+        )
     with pytest.raises(ValueError, match="vp_schedule"):
         make_noise_draw(batch["x0"], batch["t"][:, 0], LossConfig(prediction="epsilon"))
     with pytest.raises(ValueError, match="advantages"):
-        microbatch_loss(base, base, None, batch["x0"], batch["cond"], batch["adv"][:3], draw,
-                        config, GlobalNormalizer(B, K))
+        microbatch_loss(
+            base,
+            base,
+            None,
+            batch["x0"],
+            batch["cond"],
+            batch["adv"][:3],
+            draw,
+            config,
+            GlobalNormalizer(B, K),
+        )
     with pytest.raises(ValueError, match="noise"):
-        accumulate_microbatch(base, base, None, *args, batch["t"], config,
-                              GlobalNormalizer(B, K), noise=batch["noise"][:, :1])
+        accumulate_microbatch(
+            base,
+            base,
+            None,
+            *args,
+            batch["t"],
+            config,
+            GlobalNormalizer(B, K),
+            noise=batch["noise"][:, :1],
+        )

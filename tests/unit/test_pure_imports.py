@@ -37,7 +37,13 @@ print("LOADED:" + ",".join(loaded))
 
 def test_math_modules_import_without_ray_deepspeed_or_fastapi() -> None:
     probe = _PROBE.format(modules=PURE_MODULES, forbidden=FORBIDDEN)
-    result = subprocess.run([sys.executable, "-c", probe], cwd=REPO_ROOT, capture_output=True,
-                            text=True, timeout=120, check=False)
+    result = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "LOADED:", result.stdout

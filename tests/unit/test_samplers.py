@@ -194,8 +194,9 @@ def test_sde_sampler_reaches_gaussian() -> None:
     mu, s = -0.5, 0.8
     fn = _gaussian_velocity(mu, s)
     noise = torch.randn(8192, 4, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
-    out = sample(fn, noise, sampler="sde", num_steps=40, eta=0.7,
-                 generator=torch.Generator().manual_seed(7))
+    out = sample(
+        fn, noise, sampler="sde", num_steps=40, eta=0.7, generator=torch.Generator().manual_seed(7)
+    )
     assert abs(out.x0.mean().item() - mu) < 0.03
     assert abs(out.x0.std().item() - s) < 0.04
 
@@ -289,8 +290,9 @@ def test_sde_per_sample_sigmas_match_scalar_calls() -> None:
     out = sde_step(x, v, sigma, sigma_next, noise=z)
     assert out.std.shape == (3, 1, 1)
     for i in range(3):
-        one = sde_step(x[i : i + 1], v[i : i + 1], sigma[i].item(), sigma_next[i].item(),
-                       noise=z[i : i + 1])
+        one = sde_step(
+            x[i : i + 1], v[i : i + 1], sigma[i].item(), sigma_next[i].item(), noise=z[i : i + 1]
+        )
         torch.testing.assert_close(out.prev_sample[i : i + 1], one.prev_sample)
         torch.testing.assert_close(out.log_prob[i : i + 1], one.log_prob)
 
@@ -315,8 +317,14 @@ def test_sample_sde_outputs_and_generator() -> None:
 def test_sample_sde_steps_window() -> None:
     fn = _linear_velocity((2, 3, 4))
     noise = torch.randn(2, 3, 4)
-    out = sample(fn, noise, sampler="sde", num_steps=6, sde_steps=2,
-                 generator=torch.Generator().manual_seed(0))
+    out = sample(
+        fn,
+        noise,
+        sampler="sde",
+        num_steps=6,
+        sde_steps=2,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert out.log_probs is not None and out.log_probs.shape == (2, 2)
     assert out.trajectory is not None
     x, ts = out.trajectory, out.timesteps

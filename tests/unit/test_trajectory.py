@@ -43,13 +43,19 @@ def _rollout(model: TinyVelocity, cond: Tensor, sde_steps: int | None = None):
     gen = torch.Generator().manual_seed(1)
     noise = torch.randn(SHAPE, generator=gen, dtype=torch.float64)
     with torch.no_grad():
-        return sample(lambda x, t: model(x, t, cond), noise, sampler="sde", num_steps=6,
-                      eta=0.7, generator=gen, sde_steps=sde_steps)
+        return sample(
+            lambda x, t: model(x, t, cond),
+            noise,
+            sampler="sde",
+            num_steps=6,
+            eta=0.7,
+            generator=gen,
+            sde_steps=sde_steps,
+        )
 
 
 def _setup() -> tuple[TinyVelocity, Tensor]:
-    cond = torch.randn(SHAPE[0], 5, generator=torch.Generator().manual_seed(2),
-                       dtype=torch.float64)
+    cond = torch.randn(SHAPE[0], 5, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     return TinyVelocity(18, 5, seed=0), cond
 
 
@@ -74,8 +80,9 @@ def test_partial_sde_rollouts_rescore_their_stochastic_steps() -> None:
     assert out.trajectory is not None and out.log_probs is not None
     idx = torch.arange(3).expand(SHAPE[0], -1)
     with torch.no_grad():
-        log_probs = trajectory_log_probs(model, out.trajectory, out.timesteps, cond,
-                                         step_indices=idx)
+        log_probs = trajectory_log_probs(
+            model, out.trajectory, out.timesteps, cond, step_indices=idx
+        )
     torch.testing.assert_close(log_probs, out.log_probs)
 
 
@@ -102,14 +109,16 @@ def test_flow_grpo_gradient_at_ratio_one_is_reinforce_on_step_log_probs() -> Non
     adv = torch.tensor([1.0, -0.5, 0.25, 2.0], dtype=torch.float64)
     step = torch.tensor([0, 2, 5, 3])
     normalizer = GlobalNormalizer(num_samples=4, num_timesteps=6)
-    loss, metrics = flow_grpo_microbatch_loss(model, None, out.trajectory, out.timesteps,
-                                              out.log_probs, step, cond, adv, normalizer)
+    loss, metrics = flow_grpo_microbatch_loss(
+        model, None, out.trajectory, out.timesteps, out.log_probs, step, cond, adv, normalizer
+    )
     loss.backward()
     assert metrics["learner/ratio_mean"] == pytest.approx(1.0)
     got = [torch.clone(p.grad) for p in model.parameters() if p.grad is not None]
     model.zero_grad()
-    lp = trajectory_log_probs(model, out.trajectory, out.timesteps, cond,
-                              step_indices=step.view(-1, 1))[:, 0]
+    lp = trajectory_log_probs(
+        model, out.trajectory, out.timesteps, cond, step_indices=step.view(-1, 1)
+    )[:, 0]
     (-(adv * lp).sum() / normalizer.num_pairs).backward()
     for g, p in zip(got, model.parameters(), strict=True):
         torch.testing.assert_close(g, p.grad)
@@ -122,14 +131,32 @@ def test_kl_to_the_reference_is_zero_for_itself_and_matches_the_formula() -> Non
     adv = torch.zeros(SHAPE[0], dtype=torch.float64)
     step = torch.tensor([1, 1, 4, 0])
     normalizer = GlobalNormalizer(num_samples=4, num_timesteps=1)
-    _, same = flow_grpo_microbatch_loss(model, copy.deepcopy(model), out.trajectory,
-                                        out.timesteps, out.log_probs, step, cond, adv,
-                                        normalizer, beta=0.5)
+    _, same = flow_grpo_microbatch_loss(
+        model,
+        copy.deepcopy(model),
+        out.trajectory,
+        out.timesteps,
+        out.log_probs,
+        step,
+        cond,
+        adv,
+        normalizer,
+        beta=0.5,
+    )
     assert same["learner/kl_mean"] == pytest.approx(0.0, abs=1e-20)
     ref = TinyVelocity(18, 5, seed=9)
-    loss, metrics = flow_grpo_microbatch_loss(model, ref, out.trajectory, out.timesteps,
-                                              out.log_probs, step, cond, adv, normalizer,
-                                              beta=0.5)
+    loss, metrics = flow_grpo_microbatch_loss(
+        model,
+        ref,
+        out.trajectory,
+        out.timesteps,
+        out.log_probs,
+        step,
+        cond,
+        adv,
+        normalizer,
+        beta=0.5,
+    )
     assert metrics["learner/kl_mean"] > 0
     assert loss.item() == pytest.approx(0.5 * metrics["learner/kl_mean"] * 4 / 4)
     mean, ref_mean, std = torch.zeros(2, 3), torch.ones(2, 3), torch.full((2, 1), 2.0)
@@ -145,11 +172,19 @@ def test_argument_errors() -> None:
     with pytest.raises(ValueError, match="sigmas"):
         gather_steps(traj, sigmas[:3], torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="kl must be given"):
-        flow_grpo_loss(torch.zeros(2), torch.zeros(2), torch.zeros(2), GlobalNormalizer(2, 1),
-                       beta=0.1)
+        flow_grpo_loss(
+            torch.zeros(2), torch.zeros(2), torch.zeros(2), GlobalNormalizer(2, 1), beta=0.1
+        )
     model, cond = _setup()
     with pytest.raises(ValueError, match="ref_model"):
-        flow_grpo_microbatch_loss(model, model, torch.zeros(4, 7, *SHAPE[1:]),
-                                  torch.linspace(1, 0, 7), torch.zeros(4, 6),
-                                  torch.zeros(4, dtype=torch.long), cond, torch.zeros(4),
-                                  GlobalNormalizer(4, 1))
+        flow_grpo_microbatch_loss(
+            model,
+            model,
+            torch.zeros(4, 7, *SHAPE[1:]),
+            torch.linspace(1, 0, 7),
+            torch.zeros(4, 6),
+            torch.zeros(4, dtype=torch.long),
+            cond,
+            torch.zeros(4),
+            GlobalNormalizer(4, 1),
+        )
