@@ -132,26 +132,55 @@ def accumulate_microbatch(
         raise ValueError(f"timesteps must be ({x0.shape[0]}, K), got {tuple(timesteps.shape)}")
     num_timesteps = timesteps.shape[1]
     if noise is not None and noise.shape != (x0.shape[0], num_timesteps, *x0.shape[1:]):
-        raise ValueError(f"noise must be (B, K, ...) = {(x0.shape[0], num_timesteps)} + "
-                         f"{tuple(x0.shape[1:])}, got {tuple(noise.shape)}")
+        raise ValueError(
+            f"noise must be (B, K, ...) = {(x0.shape[0], num_timesteps)} + "
+            f"{tuple(x0.shape[1:])}, got {tuple(noise.shape)}"
+        )
     per_index: list[dict[str, float]] = []
     for k in range(num_timesteps):
-        draw = make_noise_draw(x0, timesteps[:, k], config, vp_schedule,
-                               noise=None if noise is None else noise[:, k], generator=generator)
-        loss, metrics = microbatch_loss(model, old_model, ref_model, x0, cond, advantages, draw,
-                                        config, normalizer, vp_schedule)
+        draw = make_noise_draw(
+            x0,
+            timesteps[:, k],
+            config,
+            vp_schedule,
+            noise=None if noise is None else noise[:, k],
+            generator=generator,
+        )
+        loss, metrics = microbatch_loss(
+            model, old_model, ref_model, x0, cond, advantages, draw, config, normalizer, vp_schedule
+        )
         loss.backward()
         per_index.append(metrics)
-    return _merge_metrics(per_index)
+    return merge_metrics(per_index)
 
 
-def _elbo(model: ModelFn, x0: Tensor, cond: Any, draw: NoiseDraw, config: LossConfig,
-          vp_schedule: VpSchedule | None) -> ElboOutput:
+def _elbo(
+    model: ModelFn,
+    x0: Tensor,
+    cond: Any,
+    draw: NoiseDraw,
+    config: LossConfig,
+    vp_schedule: VpSchedule | None,
+) -> ElboOutput:
     if config.prediction == "velocity":
-        return flow_elbo(model, x0, cond, draw, cast(FlowWeighting, config.weighting),
-                         cfg_scale=config.cfg_scale, exact_t_offset=config.exact_t_offset)
-    return vp_elbo(model, x0, cond, draw, _require_schedule(vp_schedule),
-                   cast(VpWeighting, config.weighting), cfg_scale=config.cfg_scale)
+        return flow_elbo(
+            model,
+            x0,
+            cond,
+            draw,
+            cast(FlowWeighting, config.weighting),
+            cfg_scale=config.cfg_scale,
+            exact_t_offset=config.exact_t_offset,
+        )
+    return vp_elbo(
+        model,
+        x0,
+        cond,
+        draw,
+        _require_schedule(vp_schedule),
+        cast(VpWeighting, config.weighting),
+        cfg_scale=config.cfg_scale,
+    )
 
 
 def _require_schedule(vp_schedule: VpSchedule | None) -> VpSchedule:
@@ -160,7 +189,9 @@ def _require_schedule(vp_schedule: VpSchedule | None) -> VpSchedule:
     return vp_schedule
 
 
-def _merge_metrics(per_index: list[dict[str, float]]) -> dict[str, float]:
+def merge_metrics(per_index: list[dict[str, float]]) -> dict[str, float]:
+    """Combine per-(microbatch, timestep) metrics: losses and counts add up (they are
+    contributions to one step's loss), ``*_min``/``*_max`` reduce by min/max, the rest average."""
     merged: dict[str, float] = {}
     for key in per_index[0]:
         values = [m[key] for m in per_index]

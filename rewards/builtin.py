@@ -27,6 +27,25 @@ class ShapesReward(Reward):
         )
 
 
+@register("shapes_strict")
+class ShapesStrictReward(Reward):
+    """GenEval's own criterion as a reward: 1 when the image passes every clause, else 0.
+
+    Mixed with the partial-credit ``shapes`` reward it aligns training with the accuracy
+    metric (the partial score alone can rise while all-clause accuracy falls).
+    """
+
+    name = "shapes_strict"
+
+    def score(self, images: np.ndarray, prompts: Sequence[str]) -> RewardOutput:
+        self.check_batch(images, prompts)
+        results = [verify(img, p) for img, p in zip(images, prompts, strict=True)]
+        return RewardOutput(
+            scores=np.array([float(r.passed) for r in results]),
+            details=[{"passed": r.passed} for r in results],
+        )
+
+
 def jpeg_kilobytes(image: np.ndarray, quality: int = 95) -> float:
     """Size of ``image`` (H, W, 3) uint8 encoded as JPEG at ``quality``, in kB (DDPO's measure)."""
     buf = io.BytesIO()

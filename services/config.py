@@ -13,6 +13,7 @@ the YAML has one, the dotted field and what is allowed.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -41,6 +42,9 @@ class Resources(_Section):
         default_factory=dict,
         description="Extra Ray custom resources per actor, e.g. {'rollout_node': 1} to pin a role.",
     )
+    torch_threads: int | None = Field(
+        None, gt=0, description="torch intra-op threads per actor; null = ceil(num_cpus), min 1."
+    )
 
 
 class WorldConfig(_Section):
@@ -62,9 +66,7 @@ class LoraConfig(_Section):
     """Low-rank adapters on the attention projections (peft); rank 0 trains all weights."""
 
     rank: int = Field(0, ge=0, description="LoRA rank r; 0 disables LoRA (full fine-tuning).")
-    alpha: float = Field(
-        0.0, ge=0, description="LoRA alpha; scale is alpha / rank. 0 means 2 * rank."
-    )
+    alpha: int = Field(0, ge=0, description="LoRA alpha; scale is alpha / rank. 0 means 2 * rank.")
     target_modules: list[str] = Field(
         default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"],
         description="Module name suffixes that receive adapters.",
@@ -173,8 +175,12 @@ class RolloutConfig(_Section):
 class RewardSpec(_Section):
     """One reward function in the weighted sum."""
 
-    name: Literal["shapes", "jpeg_compressibility", "jpeg_incompressibility"] = Field(
-        ..., description="Registered reward function."
+    name: Literal["shapes", "shapes_strict", "jpeg_compressibility", "jpeg_incompressibility"] = (
+        Field(
+            ...,
+            description="Registered reward: `shapes` (fraction of clauses passed), `shapes_strict` "
+            "(1 if every clause passes), `jpeg_(in)compressibility` (-/+ JPEG kB).",
+        )
     )
     weight: float = Field(1.0, description="Weight of this reward in the total (dimensionless).")
 
@@ -218,18 +224,29 @@ class LearnerConfig(_Section):
     num_timesteps: PositiveInt = Field(
         9, description="ELBO timesteps K per sample, drawn from the rollout sampler's schedule."
     )
+    group_shared_noise: bool = Field(
+        False,
+        description="Use one ELBO draw (timesteps and eps) for all K images of a prompt group, "
+        "besides sharing it between the current, old and reference passes. Advantages sum to "
+        "zero within a group, so the draw's common-mode gradient cancels (a control variate).",
+    )
     clip_eps: float = Field(1e-3, gt=0, description="GRPO ratio clip range epsilon.")
     adv_clip: float = Field(5.0, gt=0, description="GRPO advantage clamp (absolute value).")
     advantage: Literal["exact", "standard"] = Field("exact", description="Advantage estimator.")
-    advantage_scale: float = Field(0.1, gt=0, description="Scale of the `exact` advantage.")
+    advantage_scale: float | None = Field(
+        None,
+        gt=0,
+        description="Advantage scale; null = 0.1 for `exact` (reward units^-1), 1 for `standard`.",
+    )
     advantage_std: Literal["group", "round"] = Field(
-        "round", description="Std used by the `standard` advantage: per prompt group or per round."
+        "group", description="Std used by the `standard` advantage: per prompt group or per round."
     )
     kl_beta: float = Field(1e-4, ge=0, description="KL weight to the reference (base) policy.")
-    old_decay_rate: float = Field(
-        1e-3, ge=0, description="Old-policy EMA: d = min(rate * step, old_decay_max)."
+    old_policy_schedule: Literal["linear", "copy", "delayed_slow", "delayed_fast"] = Field(
+        "linear",
+        description="Old-policy EMA old <- d old + (1 - d) current after each optimizer step; "
+        "`linear`: d = min(0.001 step, 0.5) (the paper's recipe); `copy`: d = 0.",
     )
-    old_decay_max: float = Field(0.5, ge=0, lt=1, description="Cap of the old-policy EMA decay d.")
 
 
 class TrainConfig(_Section):
@@ -243,6 +260,12 @@ class TrainConfig(_Section):
     sample_grid_every: int = Field(5, ge=0, description="Rounds between logged sample grids.")
     async_rollout: bool = Field(
         False, description="Overlap round r+1's rollouts with round r's update."
+    )
+    step_timeout_s: float = Field(
+        600.0,
+        gt=0,
+        description="Longest wait for one phase of a round (rollout, score, "
+        "learner step, actor start-up), seconds; past it the run stops with an error.",
     )
     deterministic: bool = Field(
         False, description="Seeded, order-independent execution for exact resume."
@@ -292,6 +315,13 @@ class RunConfig(_Section):
             raise ValueError(
                 f"each learner rank gets {per_rank} images per round, which is not a multiple of "
                 f"learner.microbatch_size = {lr.microbatch_size}; choose a divisor of {per_rank}"
+            )
+        chunks = math.lcm(ro.num_workers, lr.num_workers)
+        if ro.images_per_round % chunks:
+            raise ValueError(
+                f"a round's {ro.images_per_round} images are dealt in lcm(rollout.num_workers, "
+                f"learner.num_workers) = {chunks} equal chunks; make rollout.prompts_per_round * "
+                "rollout.images_per_prompt a multiple of it"
             )
         if lr.estimator == "elbo" and lr.num_timesteps > ro.sampling.num_steps:
             raise ValueError(

@@ -67,3 +67,45 @@ def save_sample_grid(
     out.parent.mkdir(parents=True, exist_ok=True)
     sample_grid(images, captions, scores, columns=columns).save(out)
     return out
+
+
+def plot_curves(history: Sequence[dict[str, object]], path: str | Path) -> Path | None:
+    """Reward per round and held-out accuracy per evaluation, as one PNG (None if no data)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = [r for r in history if "reward/mean" in r]
+    if not rounds:
+        return None
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
+    x = [r["round"] for r in rounds]
+    ax[0].plot(x, [r["reward/mean"] for r in rounds], label="reward (mean)")
+    if "reward/accuracy" in rounds[0]:
+        ax[0].plot(x, [r["reward/accuracy"] for r in rounds], label="rollout accuracy", alpha=0.7)
+    ax[0].set_xlabel("round")
+    ax[0].legend()
+    ax[0].set_title("training rollouts")
+    evals = [r for r in history if "eval/accuracy" in r]
+    ax[1].plot(
+        [r["round"] for r in evals],
+        [r["eval/accuracy"] for r in evals],
+        "o-",
+        label="held-out accuracy",
+    )
+    ax[1].plot(
+        [r["round"] for r in evals],
+        [r["eval/mean_reward"] for r in evals],
+        "s--",
+        label="held-out mean reward",
+    )
+    ax[1].set_xlabel("round")
+    ax[1].set_ylim(0, 1)
+    ax[1].legend()
+    ax[1].set_title("held-out evaluation")
+    fig.tight_layout()
+    out = Path(path)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import os
+import secrets
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 BASE_CHECKPOINT = REPO / "checkpoints" / "shapes-base"
+
+# Ray 2.60 keeps token authentication on; the tests use their own token file rather than the
+# user's ~/.ray/auth_token (set before anything imports ray; subprocesses inherit it).
+_TOKEN_DIR = Path(tempfile.mkdtemp(prefix="elborl-ray-token-"))
+(_TOKEN_DIR / "auth_token").write_text(secrets.token_hex(32))
+os.environ["RAY_AUTH_MODE"] = "token"
+os.environ["RAY_AUTH_TOKEN_PATH"] = str(_TOKEN_DIR / "auth_token")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
 @pytest.fixture(scope="session")

@@ -42,3 +42,13 @@ def test_reward_input_errors() -> None:
         reward.score(np.zeros((1, 32, 32, 3), dtype=np.float32), ["one red circle"])
     with pytest.raises(ValueError, match="1 images but 2 prompts"):
         reward.score(np.zeros((1, 32, 32, 3), dtype=np.uint8), ["one red circle"] * 2)
+
+
+def test_strict_shapes_reward_is_the_all_clause_indicator() -> None:
+    prompts = [p.text for p in heldout_prompts()[:8]]
+    images = render_batch(prompts, np.random.default_rng(1))
+    strict = build_reward("shapes_strict")
+    np.testing.assert_array_equal(strict.score(images, prompts).scores, np.ones(8))
+    shifted = strict.score(images, prompts[1:] + prompts[:1]).scores
+    partial = build_reward("shapes").score(images, prompts[1:] + prompts[:1]).scores
+    np.testing.assert_array_equal(shifted, (partial == 1.0).astype(float))

@@ -1,0 +1,395 @@
+"""The learner engine: one data-parallel rank of the policy update, under DeepSpeed.
+
+Component layer: torch + DeepSpeed, no Ray. ``services.actors.LearnerWorker`` wraps one
+``LearnerEngine`` per rank; the ranks form one torch.distributed group (gloo on CPU, NCCL on
+GPU) that the caller sets up through the usual ``RANK``/``WORLD_SIZE``/``MASTER_ADDR``/
+``MASTER_PORT`` environment variables.
+
+One round on one rank (``train_step``):
+
+1. for each microbatch of this rank's shard and each of the K ELBO timesteps (drawn per
+   sample from the rollout sampler's own grid, fresh eps each), one shared draw feeds the
+   current (grad), old (no grad; the *version that generated the sample*) and reference
+   (no grad, only when beta > 0) passes: ``learner.microbatch.microbatch_loss``;
+2. ``engine.backward`` after each (accumulating locally: DeepSpeed's unmanaged gradient
+   accumulation), then one ``engine.step()`` that all-reduces (averages) gradients over the
+   ranks, clips and applies AdamW;
+3. the old (sampling) policy moves towards the new weights: ``old <- d old + (1 - d) current``.
+
+Normalisation: the loss functions divide by a ``GlobalNormalizer``; we pass this rank's sample
+count, and DeepSpeed *averages* over equal-sized rank shards, which gives the mean over all
+(sample, timestep) pairs of the round (``learner.losses``'s contract).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from learner.elbo import FlowWeighting, NoiseDraw, flow_elbo, select_sampler_timesteps
+from learner.losses import GlobalNormalizer, LossConfig
+from learner.microbatch import make_noise_draw, merge_metrics, microbatch_loss
+from learner.old_policy import ema_update_, get_schedule
+from learner.trajectory import flow_grpo_microbatch_loss
+from policy.base import Policy
+from policy.lora import add_lora, trainable_keys
+from rollout.samplers import flow_timesteps
+from services.config import LearnerConfig, LoraConfig, SamplingConfig
+
+log = logging.getLogger(__name__)
+StateDict = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class TrainBatch:
+    """One rank's share of a round: samples, their prompts, advantages and provenance.
+
+    Every random draw of the update (ELBO timesteps, noise) derives from ``(seed, sample_id)``
+    alone, so the update does not depend on how samples are split over ranks or microbatches.
+
+    ``x0`` (B, *sample_shape) final samples; ``advantages`` (B,); ``versions`` (B,) the
+    sampling-policy version that generated each sample; ``trajectory`` (B, S+1, ...) and
+    ``log_probs`` (B, S) only for the trajectory estimator.
+    """
+
+    sample_ids: np.ndarray
+    group_ids: np.ndarray
+    x0: Tensor
+    prompts: list[str]
+    advantages: Tensor
+    versions: np.ndarray
+    seed: int
+    trajectory: Tensor | None = None
+    log_probs: Tensor | None = None
+
+
+def checksum(state: StateDict) -> str:
+    """A cheap, order-stable fingerprint of a weight dict (crc32 of every array's bytes)."""
+    crc = 0
+    for name in sorted(state):
+        crc = zlib.crc32(name.encode(), crc)
+        crc = zlib.crc32(np.ascontiguousarray(state[name]).view(np.uint8).data, crc)
+    return f"{crc:08x}"
+
+
+def to_numpy_state(module: torch.nn.Module, keys: list[str] | None = None) -> StateDict:
+    """Weights (all, or only ``keys``) as numpy arrays, read zero-copy by Ray actors."""
+    sd = module.state_dict()
+    return {k: sd[k].detach().cpu().numpy().copy() for k in (keys or list(sd))}
+
+
+def load_numpy_state(module: torch.nn.Module, state: StateDict) -> None:
+    """Copy a (possibly partial, e.g. LoRA-only) numpy weight dict into ``module``.
+
+    Every key of ``state`` must exist in the module; arrays may be read-only (Ray's store).
+    """
+    result = module.load_state_dict(
+        {k: torch.from_numpy(np.array(v)) for k, v in state.items()}, strict=False
+    )
+    if result.unexpected_keys:
+        raise ValueError(f"weights for unknown parameters: {result.unexpected_keys[:5]}")
+
+
+def deepspeed_config(cfg: LearnerConfig) -> dict[str, Any]:
+    """The DeepSpeed config for one learner: ZeRO stage, clip, caller-managed accumulation."""
+    return {
+        "train_micro_batch_size_per_gpu": cfg.microbatch_size,
+        "gradient_accumulation_steps": 1,
+        "managed_gradient_accumulation": False,
+        "gradient_clipping": cfg.grad_clip,
+        "zero_optimization": {"stage": cfg.zero_stage},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+class LearnerEngine:
+    """One rank: current policy under DeepSpeed, old (sampling) and reference copies."""
+
+    def __init__(
+        self,
+        policy: Policy,
+        cfg: LearnerConfig,
+        sampling: SamplingConfig,
+        seed: int,
+        lora: LoraConfig | None = None,
+    ):
+        import deepspeed
+
+        self.cfg, self.sampling, self.seed = cfg, sampling, seed
+        self.loss_cfg = LossConfig(
+            loss=cfg.loss,
+            weighting=cfg.elbo_weighting,
+            prediction="velocity" if policy.prediction_type == "flow" else "epsilon",
+            clip_eps=cfg.clip_eps,
+            adv_clip_max=cfg.adv_clip,
+            beta=cfg.kl_beta,
+            cfg_scale=sampling.guidance,
+        )
+        self.schedule = get_schedule(cfg.old_policy_schedule)
+        # The reference is the base model: copied before any adapter is added.
+        self.ref = copy.deepcopy(policy).requires_grad_(False).eval() if cfg.kl_beta > 0 else None
+        if lora is not None and lora.rank > 0:
+            add_lora(policy, lora)
+        self.keys = trainable_keys(policy)  # what trains, what the EMA and broadcast cover
+        self.old = copy.deepcopy(policy).requires_grad_(False).eval()
+        # The sampling weights of earlier versions, for rollouts that lag (one-step async).
+        self.lagged: dict[int, Policy] = {}
+        optimizer = torch.optim.AdamW(
+            [p for p in policy.parameters() if p.requires_grad],
+            lr=cfg.lr,
+            weight_decay=cfg.weight_decay,
+        )
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        self.engine, *_ = deepspeed.initialize(
+            model=policy, optimizer=optimizer, config=deepspeed_config(cfg)
+        )
+        self.policy: Policy = policy
+        self.version = 0  # the sampling-policy version that ``sampling_state`` returns
+        self.rank = int(torch.distributed.get_rank())
+        self.world_size = int(torch.distributed.get_world_size())
+        sigmas = flow_timesteps(sampling.num_steps, sampling.shift)
+        self.sigmas = sigmas  # (S + 1,) the rollout sampler's grid, 1 -> 0
+
+    # ----------------------------------------------------------------- weights
+    @contextmanager
+    def _full_params(self) -> Iterator[None]:
+        """Gather ZeRO-3 partitioned parameters for reading (no-op for stages 0-2)."""
+        if self.cfg.zero_stage == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(self.policy.parameters())):
+                yield
+        else:
+            yield
+
+    def sampling_state(self) -> tuple[int, StateDict, str]:
+        """``(version, weights, checksum)`` of the sampling (old) policy, to publish."""
+        state = to_numpy_state(self.old, self.keys)
+        return self.version, state, checksum(state)
+
+    def current_state(self) -> StateDict:
+        """The trained (current) weights, e.g. for evaluation."""
+        with self._full_params():
+            return to_numpy_state(self.policy, self.keys)
+
+    def _old_for(self, version: int) -> Policy:
+        if version == self.version:
+            return self.old
+        if version not in self.lagged:
+            raise ValueError(
+                f"rollout from policy version {version}, but the learner only holds versions "
+                f"{sorted([self.version, *self.lagged])}; a rollout lagging more than one "
+                "update cannot be importance-weighted"
+            )
+        return self.lagged[version]
+
+    def _update_old(self) -> float:
+        step = int(self.engine.global_steps)
+        self.lagged = {self.version: copy.deepcopy(self.old)}  # keep exactly one lagged version
+        with self._full_params():
+            sd, old_sd = self.policy.state_dict(), self.old.state_dict()
+            decay = self.schedule(step)
+            ema_update_(
+                {k: old_sd[k] for k in self.keys}, {k: sd[k].detach() for k in self.keys}, decay
+            )
+        self.version += 1
+        return decay
+
+    # ----------------------------------------------------------------- training
+    def train_step(self, batch: TrainBatch) -> dict[str, float]:
+        """One optimizer step on this rank's shard; returns this rank's metrics."""
+        start = time.monotonic()
+        n = batch.x0.shape[0]
+        if n % self.cfg.microbatch_size:
+            raise ValueError(f"shard of {n} samples is not a multiple of the microbatch size")
+        self.policy.train()
+        metrics: list[dict[str, float]] = []
+        for lo in range(0, n, self.cfg.microbatch_size):
+            idx = slice(lo, lo + self.cfg.microbatch_size)
+            metrics += self._microbatch(batch, idx, n)
+        self.engine.step()
+        improvement = self._improvement(batch)
+        decay = self._update_old()
+        out = merge_metrics(metrics)
+        out["learner/improvement"] = improvement
+        out.update(
+            {
+                "learner/old_decay": decay,
+                "learner/version": float(self.version),
+                "learner/lag_mean": float(np.mean(self.version - 1 - batch.versions)),
+                "timing/learner_step": time.monotonic() - start,
+            }
+        )
+        return out
+
+    def _microbatch(self, batch: TrainBatch, idx: slice, n: int) -> list[dict[str, float]]:
+        prompts = batch.prompts[idx]
+        cond = self.policy.encode_prompts(prompts)
+        x0, adv = batch.x0[idx], batch.advantages[idx].float()
+        versions = batch.versions[idx]
+        if self.cfg.estimator == "trajectory":
+            return self._trajectory_microbatch(batch, idx, cond, adv, n)
+        k = self.cfg.num_timesteps
+        t, noise = self._draws(self._noise_ids(batch)[idx], batch.seed, tuple(x0.shape[1:]))
+        norm = GlobalNormalizer(num_samples=n, num_timesteps=k)
+        out = []
+        for version in np.unique(versions):
+            rows = torch.from_numpy(np.flatnonzero(versions == version))
+            old = self._old_for(int(version))
+            sub_cond = self.policy.select(cond, rows)
+            for j in range(k):
+                draw = make_noise_draw(x0[rows], t[rows, j], self.loss_cfg, noise=noise[rows, j])
+                loss, m = microbatch_loss(
+                    self.engine,
+                    old,
+                    self.ref,
+                    x0[rows],
+                    sub_cond,
+                    adv[rows],
+                    draw,
+                    self.loss_cfg,
+                    norm,
+                )
+                _check_finite(loss)
+                self.engine.backward(loss, scale_wrt_gas=False)
+                out.append(m)
+        return out
+
+    @torch.no_grad()
+    def _improvement(self, batch: TrainBatch) -> float:
+        """``mean(A (E_new - E_old))`` on the first microbatch after the step (first timestep).
+
+        Positive when the update moved likelihood towards high-advantage samples: the
+        policy-improvement signal the surrogate losses aim for (a check, not trained on).
+        """
+        if self.cfg.estimator != "elbo" or self.loss_cfg.prediction != "velocity":
+            return float("nan")
+        idx = slice(0, min(self.cfg.microbatch_size, batch.x0.shape[0]))
+        x0, adv = batch.x0[idx], batch.advantages[idx].float()
+        versions = batch.versions[idx]
+        cond = self.policy.encode_prompts(batch.prompts[idx])
+        t, noise = self._draws(self._noise_ids(batch)[idx], batch.seed, tuple(x0.shape[1:]))
+        total = 0.0
+        for version in np.unique(versions):
+            rows = torch.from_numpy(np.flatnonzero(versions == version))
+            draw = make_noise_draw(x0[rows], t[rows, 0], self.loss_cfg, noise=noise[rows, 0])
+            sub = self.policy.select(cond, rows)
+            e_new = self._elbo(self.engine, x0[rows], sub, draw)
+            e_old = self._elbo(self._old_for(int(version)), x0[rows], sub, draw)
+            total += float((adv[rows] * (e_new - e_old)).sum())
+        return total / x0.shape[0]
+
+    def _elbo(self, model: Any, x0: Tensor, cond: Any, draw: NoiseDraw) -> Tensor:
+        return flow_elbo(
+            model,
+            x0,
+            cond,
+            draw,
+            weighting=cast(FlowWeighting, self.loss_cfg.weighting),
+            cfg_scale=self.loss_cfg.cfg_scale,
+        ).elbo
+
+    def _noise_ids(self, batch: TrainBatch) -> np.ndarray:
+        """What keys the ELBO draws: each sample, or (``group_shared_noise``) its prompt group."""
+        return batch.group_ids if self.cfg.group_shared_noise else batch.sample_ids
+
+    def _draws(
+        self, sample_ids: np.ndarray, seed: int, shape: tuple[int, ...]
+    ) -> tuple[Tensor, Tensor]:
+        """Per sample: K distinct sampler timesteps (B, K) and fresh eps (B, K, *shape)."""
+        k = self.cfg.num_timesteps
+        ts, eps = [], []
+        for sid in sample_ids:
+            g = torch.Generator().manual_seed(_mix(seed, int(sid)))
+            ts.append(select_sampler_timesteps(self.sigmas[:-1], 1, k, generator=g)[1][0])
+            eps.append(torch.randn((k, *shape), generator=g))
+        return torch.stack(ts), torch.stack(eps)
+
+    def _trajectory_microbatch(
+        self, batch: TrainBatch, idx: slice, cond: Any, adv: Tensor, n: int
+    ) -> list[dict[str, float]]:
+        if batch.trajectory is None or batch.log_probs is None:
+            raise ValueError("the trajectory estimator needs SDE rollouts with log-probs")
+        traj, logp = batch.trajectory[idx], batch.log_probs[idx]
+        steps = logp.shape[1]
+        norm = GlobalNormalizer(num_samples=n, num_timesteps=steps)
+        order = torch.stack(
+            [
+                torch.randperm(
+                    steps, generator=torch.Generator().manual_seed(_mix(batch.seed, int(s)))
+                )
+                for s in batch.sample_ids[idx]
+            ]
+        )
+        out = []
+        for j in range(steps):
+            loss, m = flow_grpo_microbatch_loss(
+                self.engine,
+                self.ref,
+                traj,
+                self.sigmas,
+                logp,
+                order[:, j],
+                cond,
+                adv,
+                norm,
+                eta=self.sampling.eta,
+                clip_eps=self.cfg.clip_eps,
+                adv_clip_max=self.cfg.adv_clip,
+                beta=self.cfg.kl_beta,
+            )
+            _check_finite(loss)
+            self.engine.backward(loss, scale_wrt_gas=False)
+            out.append(m)
+        return out
+
+    # ----------------------------------------------------------------- checkpoints
+    def save(self, directory: Path) -> None:
+        """DeepSpeed state (model, optimizer; per rank) plus the old/lagged policies."""
+        self.engine.save_checkpoint(str(directory / "deepspeed"), tag="state")
+        if self.rank == 0:
+            extra = {
+                "version": self.version,
+                "old": self.old.state_dict(),
+                "lagged": {v: m.state_dict() for v, m in self.lagged.items()},
+            }
+            torch.save(extra, directory / "learner_extra.pt")
+
+    def load(self, directory: Path) -> None:
+        """Restore what ``save`` wrote (every rank reads the shared extra file)."""
+        path, _ = self.engine.load_checkpoint(str(directory / "deepspeed"), tag="state")
+        if path is None:
+            raise ValueError(f"no DeepSpeed checkpoint under {directory / 'deepspeed'}")
+        extra = torch.load(directory / "learner_extra.pt", weights_only=True)
+        self.version = int(extra["version"])
+        self.old.load_state_dict(extra["old"])
+        self.lagged = {}
+        for v, sd in extra["lagged"].items():
+            m = copy.deepcopy(self.old)
+            m.load_state_dict(sd)
+            self.lagged[int(v)] = m
+
+
+def _mix(seed: int, sample_id: int) -> int:
+    """A 63-bit seed for one sample of one round (splitmix-style integer hash)."""
+    z = (seed * 0x9E3779B97F4A7C15 + sample_id + 1) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (z ^ (z >> 31)) & 0x7FFFFFFFFFFFFFFF
+
+
+def _check_finite(loss: Tensor) -> None:
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"non-finite loss {float(loss)}; the step is not applied")

@@ -1,0 +1,122 @@
+"""The rollout engine: the sampling ("old") policy generating K-image groups.
+
+Component layer (no Ray): ``services.actors.RolloutWorker`` wraps one. It holds the sampling
+policy, loads published weights (a dict of numpy arrays, read zero-copy from Ray's object
+store), and generates images for a list of prompts, tagging every sample with the policy
+version that made it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from learner.engine import StateDict, checksum, load_numpy_state
+from policy.base import Policy
+from rollout.evaluate import evaluate
+from rollout.generate import generate
+from services.config import EvalConfig, SamplingConfig
+from worlds.shapes.grammar import ShapesPrompt
+
+
+@dataclass(frozen=True)
+class RolloutImages:
+    """What reward actors need: images uint8 (B, H, W, 3), prompts, ids and the version."""
+
+    sample_ids: np.ndarray
+    group_ids: np.ndarray
+    prompts: list[str]
+    images: np.ndarray
+    version: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class RolloutSamples:
+    """What the learner needs: model-space samples and, for SDE rollouts, the trajectory.
+
+    ``x0`` (B, *sample_shape); ``trajectory`` (B, S+1, *sample_shape); ``log_probs`` (B, S).
+    """
+
+    sample_ids: np.ndarray
+    group_ids: np.ndarray
+    prompts: list[str]
+    x0: Tensor
+    version: int
+    seconds: float
+    trajectory: Tensor | None = None
+    log_probs: Tensor | None = None
+
+
+class RolloutEngine:
+    """Holds the sampling policy and generates tagged rollouts with it."""
+
+    def __init__(self, policy: Policy, sampling: SamplingConfig, batch_size: int = 128):
+        self.policy = policy.eval().requires_grad_(False)
+        self.sampling, self.batch_size = sampling, batch_size
+        self.version, self.checksum = (
+            0,
+            checksum({k: v.numpy() for k, v in self.policy.state_dict().items()}),
+        )
+
+    def load_weights(self, state: StateDict, version: int) -> dict[str, float | int | str]:
+        """Load published sampling weights; report the version, checksum and timing."""
+        start = time.monotonic()
+        load_numpy_state(self.policy, state)
+        self.version, self.checksum = version, checksum(state)
+        nbytes = sum(v.nbytes for v in state.values())
+        return {
+            "version": version,
+            "checksum": self.checksum,
+            "bytes": nbytes,
+            "seconds": time.monotonic() - start,
+        }
+
+    def generate(
+        self, prompts: Sequence[str], sample_ids: np.ndarray, group_ids: np.ndarray, seed: int
+    ) -> tuple[RolloutImages, RolloutSamples]:
+        """One image per prompt entry (prompts repeat K times for a group)."""
+        start = time.monotonic()
+        keep = self.sampling.sampler == "sde"
+        out = generate(
+            self.policy,
+            list(prompts),
+            self.sampling,
+            seed=seed,
+            batch_size=self.batch_size,
+            keep_trajectory=keep,
+        )
+        seconds = time.monotonic() - start
+        images = RolloutImages(
+            sample_ids, group_ids, list(prompts), out.images, self.version, seconds
+        )
+        samples = RolloutSamples(
+            sample_ids,
+            group_ids,
+            list(prompts),
+            out.x0,
+            self.version,
+            seconds,
+            out.trajectory,
+            out.log_probs,
+        )
+        return images, samples
+
+    def evaluate(
+        self, state: StateDict | None, prompts: list[ShapesPrompt], cfg: EvalConfig, seed: int
+    ) -> tuple[dict[str, object], np.ndarray, list[str], list[float]]:
+        """Held-out evaluation of ``state`` (e.g. the current weights), then restore ours."""
+        backup = {k: v.clone() for k, v in self.policy.state_dict().items()}
+        try:
+            if state is not None:
+                load_numpy_state(self.policy, state)
+            with torch.no_grad():
+                report = evaluate(self.policy, prompts, cfg, seed)
+        finally:
+            self.policy.load_state_dict(backup)
+        return (report.summary, report.images, report.prompts, [r.score for r in report.results])

@@ -1,0 +1,182 @@
+"""Thin Ray actors around the components: rollout workers, reward workers, learner ranks.
+
+Each actor builds its component from the config sub-tree it needs and forwards calls. Data
+moves between actors as ObjectRefs: a rollout's images go straight to a reward actor, its
+samples straight to a learner rank; the driver only moves small things (rewards,
+advantages, metrics) and the few images it logs.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+
+from services.config import (
+    EvalConfig,
+    LearnerConfig,
+    ModelConfig,
+    RewardSpec,
+    SamplingConfig,
+)
+
+
+def _threads(num: int) -> None:
+    """Pin torch's intra-op threads: oversubscribed CPUs make every actor much slower."""
+    os.environ["OMP_NUM_THREADS"] = str(num)
+    torch.set_num_threads(num)
+
+
+def _load_policy(model: ModelConfig, with_lora: bool) -> Any:
+    from policy.io import load_policy
+    from policy.lora import add_lora
+
+    if not model.checkpoint:
+        raise ValueError("model.checkpoint must name a saved policy directory for RL training")
+    policy = load_policy(model.checkpoint)
+    return add_lora(policy, model.lora) if with_lora and model.lora.rank > 0 else policy
+
+
+@ray.remote
+class RolloutWorker:
+    """Holds the sampling policy; generates K-image groups tagged with its version."""
+
+    def __init__(self, model: ModelConfig, sampling: SamplingConfig, threads: int):
+        from rollout.worker import RolloutEngine
+
+        _threads(threads)
+        self.engine = RolloutEngine(_load_policy(model, with_lora=True), sampling)
+
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+    def load_weights(self, state: dict[str, np.ndarray], version: int) -> dict[str, Any]:
+        """Load a published weight dict (resolved from its ObjectRef, zero-copy)."""
+        return self.engine.load_weights(state, version)
+
+    @ray.method(num_returns=2)
+    def generate(
+        self, prompts: list[str], sample_ids: np.ndarray, group_ids: np.ndarray, seed: int
+    ) -> tuple[Any, Any]:
+        """Returns two ObjectRefs: (RolloutImages for rewards, RolloutSamples for the learner)."""
+        return self.engine.generate(prompts, sample_ids, group_ids, seed)
+
+    def evaluate(
+        self, state: dict[str, np.ndarray] | None, prompts: list[str], cfg: EvalConfig, seed: int
+    ) -> Any:
+        from worlds.shapes.grammar import parse_prompt
+
+        return self.engine.evaluate(state, [parse_prompt(p) for p in prompts], cfg, seed)
+
+
+@ray.remote
+class RewardWorker:
+    """Scores rollout images with the configured weighted rewards."""
+
+    def __init__(self, specs: list[RewardSpec], threads: int):
+        from rewards.pool import RewardScorer
+
+        _threads(threads)
+        self.scorer = RewardScorer(specs)
+
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+    def score(self, images: Any) -> Any:
+        """Score one ``RolloutImages`` (passed by ObjectRef from the rollout worker)."""
+        return self.scorer.score(images)
+
+
+@ray.remote
+class LearnerWorker:
+    """One rank of the DeepSpeed learner group."""
+
+    def __init__(self, rank: int, world_size: int, threads: int):
+        _threads(threads)
+        self.rank, self.world_size = rank, world_size
+        self.engine: Any = None
+
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+    def rendezvous(self) -> tuple[str, int]:
+        """(address, free port) for the process group; asked of rank 0."""
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        return ray.util.get_node_ip_address(), port
+
+    def setup(
+        self,
+        master: tuple[str, int],
+        model: ModelConfig,
+        cfg: LearnerConfig,
+        sampling: SamplingConfig,
+        seed: int,
+    ) -> bool:
+        """Join the process group and build the DeepSpeed engine (all ranks call this at once)."""
+        from learner.engine import LearnerEngine
+
+        os.environ.update(
+            {
+                "RANK": str(self.rank),
+                "LOCAL_RANK": "0",
+                "WORLD_SIZE": str(self.world_size),
+                "MASTER_ADDR": master[0],
+                "MASTER_PORT": str(master[1]),
+            }
+        )
+        os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+        torch.manual_seed(seed)
+        self.engine = LearnerEngine(
+            _load_policy(model, with_lora=False), cfg, sampling, seed, lora=model.lora
+        )
+        return True
+
+    def train_step(
+        self, sample_refs: list[ray.ObjectRef], advantages: np.ndarray, seed: int
+    ) -> dict[str, float]:
+        """Fetch this rank's rollout samples by ref, attach advantages, take one step."""
+        from learner.engine import TrainBatch
+
+        chunks = ray.get(sample_refs)
+        traj = [c.trajectory for c in chunks]
+        logp = [c.log_probs for c in chunks]
+        batch = TrainBatch(
+            sample_ids=np.concatenate([c.sample_ids for c in chunks]),
+            group_ids=np.concatenate([c.group_ids for c in chunks]),
+            x0=torch.cat([c.x0 for c in chunks]),
+            prompts=[p for c in chunks for p in c.prompts],
+            advantages=torch.from_numpy(np.asarray(advantages, dtype=np.float32)),
+            versions=np.concatenate([np.full(len(c.prompts), c.version) for c in chunks]),
+            seed=seed,
+            trajectory=torch.cat(traj) if traj[0] is not None else None,
+            log_probs=torch.cat(logp) if logp[0] is not None else None,
+        )
+        return self.engine.train_step(batch)
+
+    @ray.method(num_returns=2)
+    def publish_weights(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """(meta, state): the state becomes one object every rollout worker reads."""
+        version, state, crc = self.engine.sampling_state()
+        nbytes = sum(v.nbytes for v in state.values())
+        return {"version": version, "checksum": crc, "bytes": nbytes}, state
+
+    def current_state(self) -> dict[str, np.ndarray]:
+        return self.engine.current_state()
+
+    def save(self, directory: str) -> bool:
+        from pathlib import Path
+
+        self.engine.save(Path(directory))
+        return True
+
+    def load(self, directory: str) -> int:
+        from pathlib import Path
+
+        self.engine.load(Path(directory))
+        return int(self.engine.version)

@@ -1,0 +1,55 @@
+"""Fail fast when the cluster cannot hold the configured roles (instead of hanging)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ray
+
+from services.config import ConfigError, Resources, RunConfig
+
+
+def _bundle(res: Resources) -> dict[str, float]:
+    out = {"CPU": res.num_cpus, "GPU": res.num_gpus, **res.custom}
+    return {k: v for k, v in out.items() if v > 0}
+
+
+def role_bundles(cfg: RunConfig) -> list[tuple[str, dict[str, float]]]:
+    """One (role, resource bundle) per actor the run starts."""
+    roles = [
+        ("rollout", cfg.rollout.resources, cfg.rollout.num_workers),
+        ("reward", cfg.rewards.resources, cfg.rewards.num_actors),
+        ("learner", cfg.learner.resources, cfg.learner.num_workers),
+    ]
+    return [(name, _bundle(res)) for name, res, count in roles for _ in range(count)]
+
+
+def check_resources(cfg: RunConfig) -> None:
+    """Raise ``ConfigError`` naming the role and the missing resource if placement is impossible.
+
+    Two checks against the live cluster: every single actor fits on at least one node, and the
+    totals fit the cluster (first-fit over nodes, largest bundles first).
+    """
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    free = [dict(n) for n in nodes]
+    for role, bundle in sorted(role_bundles(cfg), key=lambda rb: -sum(rb[1].values())):
+        if not any(_fits(bundle, n) for n in nodes):
+            raise ConfigError(_message(role, bundle, nodes, "no node has that much"))
+        node = next((n for n in free if _fits(bundle, n)), None)
+        if node is None:
+            raise ConfigError(_message(role, bundle, nodes, "the other roles already use it"))
+        for k, v in bundle.items():
+            node[k] -= v
+
+
+def _fits(bundle: dict[str, float], node: dict[str, Any]) -> bool:
+    return all(node.get(k, 0.0) + 1e-9 >= v for k, v in bundle.items())
+
+
+def _message(role: str, bundle: dict[str, float], nodes: list[dict[str, Any]], why: str) -> str:
+    have = [{k: v for k, v in n.items() if k in ("CPU", "GPU") or k in bundle} for n in nodes]
+    return (
+        f"cannot place a {role} actor needing {bundle}: {why}. The cluster's nodes offer {have}. "
+        f"Lower {role}'s resources (num_cpus / num_gpus / custom) or the number of {role} "
+        "actors in the config, or add nodes."
+    )

@@ -1,0 +1,157 @@
+"""A run directory: its config, metrics (JSONL + TensorBoard), sample grids and checkpoints.
+
+Layout of ``runs/<name>/``::
+
+    config.yaml            the resolved config of the run (checked again on --resume)
+    metrics.jsonl          one JSON object per round (and per evaluation)
+    tensorboard/           the same metrics for TensorBoard
+    samples/round_XXXXX.png  sample grids with prompts and rewards
+    checkpoints/round_XXXXX/ complete checkpoints (a ``COMPLETE`` marker is written last);
+                           partial ones live under ``.tmp-*`` names and are never picked up
+    status.json            the driver's latest state (for the status service)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from services.config import ConfigError, RunConfig, config_to_yaml
+
+log = logging.getLogger(__name__)
+COMPLETE = "COMPLETE"
+
+
+class RunDir:
+    """Owns the files of one run; never overwrites another run's files."""
+
+    def __init__(self, cfg: RunConfig, resume: bool):
+        self.path = Path(cfg.runs_dir) / cfg.name
+        self.ckpt_root = self.path / "checkpoints"
+        config_file = self.path / "config.yaml"
+        if resume:
+            if not config_file.exists():
+                raise ConfigError(f"--resume: {self.path} holds no run (no config.yaml)")
+            saved = RunConfig.model_validate(_load_yaml(config_file))
+            if _run_identity(saved) != _run_identity(cfg):
+                raise ConfigError(
+                    f"--resume: {config_file} describes a different run (model, world, sizes or "
+                    "loss differ); resume with the same config or choose another `name`"
+                )
+        elif self.path.exists() and any(self.path.iterdir()):
+            raise ConfigError(
+                f"run directory {self.path} already exists; pass --resume to continue it, or set "
+                "a new `name` (e.g. --set name=my-run-2)"
+            )
+        for sub in ("samples", "checkpoints", "tensorboard"):
+            (self.path / sub).mkdir(parents=True, exist_ok=True)
+        if not resume:
+            config_file.write_text(config_to_yaml(cfg))
+        self._tb: Any = None
+
+    # ------------------------------------------------------------------ metrics
+    def log_metrics(self, step: int, metrics: dict[str, Any]) -> None:
+        """Append one JSON line and write the scalars to TensorBoard."""
+        record = {"round": step, "time": time.time(), **metrics}
+        with open(self.path / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record, default=float) + "\n")
+        tb = self._writer()
+        for key, value in metrics.items():
+            if isinstance(value, int | float) and math.isfinite(value):
+                tb.add_scalar(key, value, step)
+        tb.flush()
+
+    def _writer(self) -> Any:
+        if self._tb is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(self.path / "tensorboard"))
+        return self._tb
+
+    def history(self) -> list[dict[str, Any]]:
+        """Every metrics record written so far."""
+        path = self.path / "metrics.jsonl"
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def truncate_history(self, last_round: int) -> None:
+        """Drop records after ``last_round`` (rounds redone after a resume count once)."""
+        kept = [r for r in self.history() if r["round"] <= last_round]
+        tmp = self.path / "metrics.jsonl.tmp"
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        tmp.replace(self.path / "metrics.jsonl")
+
+    def write_status(self, status: dict[str, Any]) -> None:
+        """Atomically replace ``status.json`` (read by the status service)."""
+        tmp = self.path / "status.json.tmp"
+        tmp.write_text(json.dumps(status, default=str, indent=1))
+        tmp.replace(self.path / "status.json")
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+    # ------------------------------------------------------------------ checkpoints
+    def new_checkpoint(self, round_: int) -> Path:
+        """A fresh temporary directory to write round ``round_``'s checkpoint into."""
+        tmp = self.ckpt_root / f".tmp-round_{round_:05d}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        return tmp
+
+    def commit_checkpoint(self, tmp: Path, round_: int, driver_state: dict[str, Any]) -> Path:
+        """Write the driver state and the COMPLETE marker, then rename into place atomically."""
+        (tmp / "driver.json").write_text(json.dumps(driver_state, indent=1))
+        marker = tmp / COMPLETE
+        marker.write_text(str(round_))
+        _fsync_dir(tmp)
+        final = self.ckpt_root / f"round_{round_:05d}"
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        return final
+
+    def latest_checkpoint(self) -> Path | None:
+        """The newest checkpoint whose COMPLETE marker exists, or None."""
+        done = sorted(p for p in self.ckpt_root.glob("round_*") if (p / COMPLETE).exists())
+        return done[-1] if done else None
+
+
+def read_driver_state(ckpt: Path) -> dict[str, Any]:
+    """The driver state of a complete checkpoint, with a clear error if it is damaged."""
+    try:
+        state: dict[str, Any] = json.loads((ckpt / "driver.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(
+            f"checkpoint {ckpt} is damaged ({exc}); delete it to resume from the previous one"
+        ) from exc
+    return state
+
+
+def _run_identity(cfg: RunConfig) -> dict[str, Any]:
+    """The parts of a config that must match to resume (not rounds, intervals or the service)."""
+    d = cfg.model_dump(mode="json")
+    for key in ("train", "service", "eval", "runs_dir"):
+        d.pop(key, None)
+    return d
+
+
+def _load_yaml(path: Path) -> dict[str, Any]:
+    import yaml
+
+    data = yaml.safe_load(path.read_text())
+    return data if isinstance(data, dict) else {}
+
+
+def _fsync_dir(path: Path) -> None:
+    for f in path.iterdir():
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())

@@ -1,0 +1,118 @@
+"""Cluster modes: ``ray job submit`` to a local head (token auth on) and a two-node cluster."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+from tests.e2e.helpers import metrics, run_train, tiny_config
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+VENV_BIN = str(Path(sys.executable).parent)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PATH": VENV_BIN + os.pathsep + os.environ.get("PATH", "")}
+
+
+@pytest.fixture
+def head_node(tmp_path: Path) -> Iterator[str]:
+    """A local ``ray start --head`` with token auth (the tests' own token file); its job URL."""
+    gcs, dash = _free_port(), _free_port()
+    start = [
+        f"{VENV_BIN}/ray",
+        "start",
+        "--head",
+        f"--port={gcs}",
+        "--num-cpus=2",
+        "--include-dashboard=true",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dash}",
+        f"--object-store-memory={200 * 2**20}",
+        "--disable-usage-stats",
+    ]
+    out = subprocess.run(start, capture_output=True, text=True, timeout=120, env=_env())
+    assert out.returncode == 0, out.stderr[-3000:]
+    try:
+        yield f"http://127.0.0.1:{dash}"
+    finally:
+        subprocess.run(
+            [f"{VENV_BIN}/ray", "stop", "--force"], capture_output=True, timeout=120, env=_env()
+        )
+
+
+def test_ray_job_submit_to_a_local_head(tmp_path: Path, head_node: str) -> None:
+    cfg = tiny_config(tmp_path, name="job", train={"rounds": 2, "eval_every": 0})
+    env = {**_env(), "RAY_ADDRESS": head_node}
+    out = subprocess.run(
+        ["bash", "deploy/submit.sh", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=420,
+        cwd=REPO,
+        env=env,
+    )
+    logs = out.stdout + out.stderr
+    assert out.returncode == 0, logs[-4000:]
+    assert "round 2/2" in logs and "succeeded" in logs.lower()
+    assert [r["round"] for r in metrics(tmp_path / "runs" / "job")] == [1, 2]
+    listed = subprocess.run(
+        [f"{VENV_BIN}/ray", "job", "list"], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert listed.returncode == 0 and "SUCCEEDED" in listed.stdout
+
+
+def test_without_the_token_the_cluster_refuses_jobs(head_node: str) -> None:
+    env = {k: v for k, v in _env().items() if not k.startswith("RAY_AUTH")}
+    env.update({"RAY_ADDRESS": head_node, "HOME": "/nonexistent-home"})
+    out = subprocess.run(
+        [f"{VENV_BIN}/ray", "job", "list"], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert out.returncode != 0
+    assert "token" in (out.stdout + out.stderr).lower()
+
+
+def test_two_node_cluster_places_roles_on_different_nodes(tmp_path: Path) -> None:
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 1,
+            "resources": {"node_a": 4},
+            "object_store_memory": 150 * 2**20,
+        },
+    )
+    cluster.add_node(num_cpus=1, resources={"node_b": 4}, object_store_memory=150 * 2**20)
+    try:
+        cfg = tiny_config(
+            tmp_path,
+            name="two",
+            train={"rounds": 2, "eval_every": 0},
+            rollout={"resources": {"num_cpus": 0.25, "custom": {"node_a": 1}}},
+            rewards={"resources": {"num_cpus": 0.25, "custom": {"node_b": 1}}},
+            learner={"resources": {"num_cpus": 0.5, "custom": {"node_b": 1}}},
+        )
+        out = run_train(["--config", str(cfg), "--address", cluster.address], timeout=420)
+        assert out.returncode == 0, out.stderr[-4000:]
+        status = json.loads((tmp_path / "runs" / "two" / "status.json").read_text())
+        nodes = status["nodes"]
+        assert nodes["rollout"][0] != nodes["learner"][0]
+        assert nodes["reward"][0] == nodes["learner"][0]
+        assert [r["round"] for r in metrics(tmp_path / "runs" / "two")] == [1, 2]
+    finally:
+        cluster.shutdown()
