@@ -6,6 +6,15 @@
 #   bash scripts/setup.sh --freeze   # also rewrite constraints.txt from what got installed
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Debian's Chromium (and its driver) for the dashboard's browser test; Playwright drives this
+# binary, it never downloads a browser. Skipped when present, or when not root on Debian.
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
+  else
+    echo "note: no chromium and cannot apt-get it; the dashboard browser test will be skipped" >&2
+  fi
+fi
 PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null || PY=python3
 [ -x .venv/bin/python ] || "$PY" -m venv .venv

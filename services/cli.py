@@ -97,6 +97,31 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config", help="validate a configuration and print it fully resolved")
     _add_config_args(p)
     p.set_defaults(func=_cmd_config)
+
+    p = sub.add_parser(
+        "serve",
+        help="serve the status API and dashboard for the runs in a directory",
+        description="Serve the status API, Prometheus metrics and the dashboard for every run "
+        "under a runs directory (finished or live). The bearer token comes from the variable "
+        "named by service.token_env (default ELBORL_TOKEN) or service.token_file.",
+    )
+    _add_config_args(p)
+    p.add_argument("--runs-dir", metavar="DIR", help="runs to serve (default: runs_dir)")
+    p.add_argument("--host", help="bind address (default: service.host, 127.0.0.1)")
+    p.add_argument("--port", type=int, help="TCP port (default: service.port, 8470; 0 = any)")
+    p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser(
+        "status",
+        help="print a run's state from a status service as a table",
+        description="Ask a status service (`elborl serve`, or a run with service.enabled) for "
+        "the state of its runs and print it. Uses the same token as the service.",
+    )
+    _add_config_args(p)
+    p.add_argument("--url", help="service URL (default: http://<service.host>:<service.port>)")
+    p.add_argument("--run", metavar="RUN", help="show one run in detail (default: list them)")
+    p.add_argument("--json", action="store_true", help="print the JSON response instead")
+    p.set_defaults(func=_cmd_status)
     return parser
 
 
@@ -115,6 +140,30 @@ def _cmd_eval(args: argparse.Namespace, cfg: RunConfig) -> int:
     from services.commands import run_eval
 
     return run_eval(cfg, args)
+
+
+def _cmd_serve(args: argparse.Namespace, cfg: RunConfig) -> int:
+    from services.api.control import load_token
+    from services.api.server import ApiServer
+
+    token = load_token(cfg.service)
+    runs_dir = Path(args.runs_dir or cfg.runs_dir)
+    if not runs_dir.is_dir():
+        raise ConfigError(f"--runs-dir {runs_dir}: no such directory")
+    port = cfg.service.port if args.port is None else args.port
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"--port must be in 0..65535, got {port}")
+    host = args.host or cfg.service.host
+    ApiServer(runs_dir, token, host, port, cfg.service.cors_origins).serve_forever()
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace, cfg: RunConfig) -> int:
+    from services.api.client import print_status
+    from services.api.control import load_token
+
+    url = args.url or f"http://{cfg.service.host}:{cfg.service.port}"
+    return print_status(url.rstrip("/"), load_token(cfg.service), args.run, args.json)
 
 
 def _cmd_train(args: argparse.Namespace, cfg: RunConfig) -> int:

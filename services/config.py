@@ -273,13 +273,33 @@ class TrainConfig(_Section):
 
 
 class ServiceConfig(_Section):
-    """The status/control HTTP service."""
+    """The status/control HTTP service (``services/api``): JSON API, Prometheus, dashboard."""
 
-    enabled: bool = Field(False, description="Serve the status API while training.")
-    host: str = Field("127.0.0.1", description="Bind address; loopback unless you mean otherwise.")
+    enabled: bool = Field(
+        False,
+        description="Serve the status API and dashboard from the driver process while training.",
+    )
+    host: str = Field(
+        "127.0.0.1",
+        min_length=1,
+        description="Bind address; loopback unless you mean otherwise (e.g. 0.0.0.0 on a Ray "
+        "head node behind a firewall).",
+    )
     port: int = Field(8470, ge=0, le=65535, description="TCP port; 0 picks a free one.")
     token_env: str = Field(
-        "ELBORL_TOKEN", description="Environment variable holding the bearer token."
+        "ELBORL_TOKEN",
+        min_length=1,
+        description="Name of the environment variable holding the bearer token (not the token).",
+    )
+    token_file: str | None = Field(
+        None,
+        description="File holding the bearer token, read when the variable in token_env is "
+        "unset or empty.",
+    )
+    cors_origins: list[str] = Field(
+        default_factory=list,
+        description="Origins allowed to call the API from a browser page served elsewhere; "
+        "empty = CORS off.",
     )
 
 

@@ -4,6 +4,11 @@
 directory, resources), then runs the rounds. Without an address it starts a local
 single-node Ray cluster sized to the machine; with ``--address`` or ``RAY_ADDRESS`` (as under
 ``ray job submit``) it joins that cluster.
+
+With ``service.enabled`` the status API (``services/api``) is served from a background thread
+of this process for as long as the run lasts. ``status.json`` carries the run's state:
+starting -> running -> finished, or -> stopping -> stopped after a stop request (the round in
+flight is finished and checkpointed, the exit status is 0), or failed with the error.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,8 +29,10 @@ import ray
 import torch
 
 from learner.advantages import AdvantageConfig, compute_advantages
+from services.api.control import clear_stop_request, load_token
 from services.commands import resolve_prompts
 from services.config import ConfigError, Resources, RunConfig
+from services.loop import update_status, worker_health
 from services.prompts import PromptDealer, RoundPrompts
 from services.resources import check_resources
 from services.run import RunDir, read_driver_state
@@ -51,6 +59,7 @@ class PendingRound:
     prompts: RoundPrompts
     chunks: list[Chunk]
     started: float
+    dealer_after: dict[str, int]  # the dealer's state once this round was dealt (checkpoints)
 
 
 def train(cfg: RunConfig, address: str | None, resume: bool, config_path: str | None) -> int:
@@ -62,16 +71,73 @@ def train(cfg: RunConfig, address: str | None, resume: bool, config_path: str | 
             f"model.checkpoint = {cfg.model.checkpoint!r} is not a saved policy; run "
             "`elborl pretrain` or point it at one"
         )
+    token = load_token(cfg.service) if cfg.service.enabled else None
     run = RunDir(cfg, resume)
-    with ray_session(address):
+    clear_stop_request(run.path)
+    with _serving(cfg, token) as service_url:
+        update_status(
+            run,
+            state="starting",
+            error=None,
+            total_rounds=cfg.train.rounds,
+            eta_s=None,
+            started=time.time(),
+            pid=os.getpid(),
+            hostname=socket.gethostname(),
+            service_url=service_url,
+        )
+        stopped = False
         trainer = Trainer(cfg, run, prompts, eval_prompts)
         try:
-            trainer.start(resume)
-            trainer.run()
-        finally:
-            run.close()
-    log.info("run finished: %s", run.path)
+            with ray_session(address):
+                try:
+                    trainer.start(resume)
+                    stopped = trainer.run()
+                except BaseException as exc:
+                    _record_failure(trainer, exc, health=True)
+                    raise
+                finally:
+                    run.close()
+        except BaseException as exc:  # Ray itself failed to start or stop
+            _record_failure(trainer, exc, health=False)
+            raise
+        update_status(run, state="stopped" if stopped else "finished", eta_s=None)
+    if stopped:
+        log.info("stopped on request after round %d; continue with --resume", trainer.round)
+    else:
+        log.info("run finished: %s", run.path)
     return 0
+
+
+@contextmanager
+def _serving(cfg: RunConfig, token: str | None) -> Iterator[str | None]:
+    """The status service in a background thread for the block's duration (its URL or None)."""
+    if token is None:
+        yield None
+        return
+    from services.api.server import ApiServer
+
+    svc = cfg.service
+    server = ApiServer(cfg.runs_dir, token, svc.host, svc.port, svc.cors_origins).start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+def _record_failure(trainer: Trainer, exc: BaseException, health: bool) -> None:
+    """``failed`` with the error in ``status.json`` (once), and which workers are alive."""
+    if trainer.failed:
+        return
+    trainer.failed = True
+    message = f"{type(exc).__name__}: {exc}"[:2000] if str(exc) else type(exc).__name__
+    fields: dict[str, Any] = {"state": "failed", "error": message, "eta_s": None}
+    if health and ray.is_initialized():
+        try:
+            fields["workers"] = worker_health(trainer)
+        except Exception as health_exc:
+            log.debug("no worker health after the failure: %s", health_exc)
+    update_status(trainer.run_dir, **fields)
 
 
 @contextmanager
@@ -123,6 +189,8 @@ class Trainer:
             std_scope=cfg.learner.advantage_std,
         )
         self.stats = {"scored": 0, "trained": 0, "rounds": 0}
+        self.nodes: dict[str, list[str]] = {}
+        self.failed = False
 
     # ------------------------------------------------------------------ start-up
     def start(self, resume: bool) -> None:
@@ -223,6 +291,7 @@ class Trainer:
         """Deal the round's prompts into chunks and start their rollouts (non-blocking)."""
         c = self.cfg
         rp = self.dealer.deal(round_, c.rollout.prompts_per_round, c.rollout.images_per_prompt)
+        dealer_after = self.dealer.state()
         num_chunks = math.lcm(c.rollout.num_workers, c.learner.num_workers)
         chunks = []
         for i, idx in enumerate(np.array_split(np.arange(len(rp.prompts)), num_chunks)):
@@ -232,7 +301,7 @@ class Trainer:
                 [rp.prompts[j] for j in idx], rp.sample_ids[idx], rp.group_ids[idx], seed
             )
             chunks.append(Chunk(i, rp.sample_ids[idx], rp.group_ids[idx], imgs, samples))
-        return PendingRound(round_, rp, chunks, time.monotonic())
+        return PendingRound(round_, rp, chunks, time.monotonic(), dealer_after)
 
     def score(self, pending: PendingRound) -> tuple[Any, list[Any]]:
         """Score every chunk on the reward pool (images go rollout -> reward by ref)."""
@@ -270,11 +339,14 @@ class Trainer:
         return {**_rank_mean(per_rank), **adv_metrics}, adv_np
 
     # ------------------------------------------------------------------ loop
-    def run(self) -> None:
-        """All remaining rounds, with evaluation, sample grids and checkpoints."""
+    def run(self) -> bool:
+        """All remaining rounds, with evaluation, sample grids and checkpoints.
+
+        Returns True when a stop request ended the run early (its last round checkpointed).
+        """
         from services.loop import run_rounds
 
-        run_rounds(self)
+        return run_rounds(self)
 
 
 def _seed(base: int, round_: int, index: int) -> int:

@@ -3,22 +3,32 @@
 Synchronous by default. With ``train.async_rollout`` the next round's rollouts are launched
 before this round's update, so they use weights one version behind; the learner evaluates
 those samples' old-policy ELBO with the version that generated them (``learner/lag_mean``).
+
+Once per round the loop looks for a stop request (``services/api/control.py``); when there is
+one it launches no further rollouts, finishes the round in flight, checkpoints it and returns,
+so ``--resume`` continues exactly where it stopped. ``status.json`` (read by the status
+service) is rewritten after every round.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
+from collections import deque
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import ray
 from tqdm.auto import tqdm
 
+from services.api.control import stop_requested
 from services.viz import plot_curves, save_sample_grid
 
 if TYPE_CHECKING:
     from services.driver import PendingRound, Trainer
+    from services.run import RunDir
 
 log = logging.getLogger("elborl.driver")
 
@@ -27,14 +37,25 @@ def _due(every: int, round_: int, last: int) -> bool:
     return round_ == last or (every > 0 and round_ % every == 0)
 
 
-def run_rounds(tr: Trainer) -> None:
-    """Run rounds ``tr.round + 1 .. train.rounds``; evaluate and checkpoint on schedule."""
+def run_rounds(tr: Trainer) -> bool:
+    """Run rounds ``tr.round + 1 .. train.rounds``; evaluate and checkpoint on schedule.
+
+    Returns True when a stop request ended the run early (after checkpointing its last round).
+    """
     cfg, total = tr.cfg, tr.cfg.train.rounds
     bar = tqdm(total=total, initial=tr.round, desc="train", unit="round", dynamic_ncols=True)
+    pace = _Pace(tr.run_dir.history())
     pending = tr.launch(tr.round + 1) if tr.round < total else None
+    stop = False
     while pending is not None:
-        metrics, nxt, first = _one_round(tr, pending, total)
         r = pending.round
+        # Checked before the round's update: a stopping run launches no further rollouts, so
+        # the prompt dealer's state in the checkpoint is exactly that after round r.
+        stop = r < total and stop_requested(tr.run_dir.path)
+        if stop:
+            log.info("stop requested: finishing round %d, then checkpointing", r)
+            update_status(tr.run_dir, state="stopping")
+        metrics, nxt, first = _one_round(tr, pending, r if stop else total)
         if _due(cfg.train.eval_every, r, total):
             metrics.update(evaluate(tr, r))
         if _due(cfg.train.sample_grid_every, r, total):
@@ -42,14 +63,16 @@ def run_rounds(tr: Trainer) -> None:
         tr.round = r
         tr.run_dir.log_metrics(r, metrics)
         _log_round(r, total, metrics)
-        _write_status(tr, metrics, "running" if r < total else "finished")
-        if _due(cfg.train.checkpoint_every, r, total):
-            checkpoint(tr, r)
+        pace.add(r, metrics)
+        if _due(cfg.train.checkpoint_every, r, total) or stop:
+            checkpoint(tr, pending)
+        _write_status(tr, pace, "stopping" if stop else "running" if r < total else "finished")
         bar.update(1)
         bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}")
         pending = nxt
     bar.close()
     plot_curves(tr.run_dir.history(), tr.run_dir.path / "curves.png")
+    return stop
 
 
 def _one_round(tr: Trainer, pending: PendingRound, total: int) -> tuple[dict[str, Any], Any, Any]:
@@ -108,7 +131,7 @@ def evaluate(tr: Trainer, round_: int) -> dict[str, float]:
         timeout=tr.timeout,
     )
     k = min(32, len(prompts))
-    save_sample_grid(
+    _save_grid(
         tr.run_dir.path / "samples" / f"eval_round_{round_:05d}.png",
         images[:k],
         prompts[:k],
@@ -128,7 +151,7 @@ def _sample_grid(tr: Trainer, pending: PendingRound, first: Any, round_: int) ->
     chunk = ray.get(pending.chunks[0].images, timeout=tr.timeout)
     totals = first.total
     k = min(16, len(chunk.prompts))
-    save_sample_grid(
+    _save_grid(
         tr.run_dir.path / "samples" / f"round_{round_:05d}.png",
         chunk.images[:k],
         chunk.prompts[:k],
@@ -136,8 +159,20 @@ def _sample_grid(tr: Trainer, pending: PendingRound, first: Any, round_: int) ->
     )
 
 
-def checkpoint(tr: Trainer, round_: int) -> None:
-    """Learner state (every rank) + driver state, committed atomically."""
+def _save_grid(path: Path, images: Any, prompts: list[str], scores: list[float]) -> None:
+    """The grid PNG plus ``<name>.json`` with its prompts and rewards (for the status API)."""
+    save_sample_grid(path, images, prompts, scores)
+    captions = {"prompts": list(prompts), "rewards": [float(s) for s in scores]}
+    path.with_suffix(".json").write_text(json.dumps(captions))
+
+
+def checkpoint(tr: Trainer, pending: PendingRound) -> None:
+    """Learner state (every rank) + driver state after ``pending``'s round, committed atomically.
+
+    The prompt cursor saved is the one right after this round was dealt: the next round's
+    prompts may already be dealt (and its rollouts running) when the checkpoint is written.
+    """
+    round_ = pending.round
     start = time.monotonic()
     tmp = tr.run_dir.new_checkpoint(round_)
     ray.get([lw.save.remote(str(tmp / "learner")) for lw in tr.learners], timeout=tr.timeout)
@@ -147,7 +182,7 @@ def checkpoint(tr: Trainer, round_: int) -> None:
         {
             "round": round_,
             "version": tr.version,
-            "dealer": tr.dealer.state(),
+            "dealer": pending.dealer_after,
             "stats": tr.stats,
         },
     )
@@ -172,16 +207,102 @@ def _log_round(r: int, total: int, m: dict[str, Any]) -> None:
     )
 
 
-def _write_status(tr: Trainer, m: dict[str, Any], state: str) -> None:
-    tr.run_dir.write_status(
-        {
-            "state": state,
-            "round": tr.round,
-            "total_rounds": tr.cfg.train.rounds,
-            "version": tr.version,
-            "reward_mean": m.get("reward/mean"),
-            "accuracy": m.get("eval/accuracy"),
-            "nodes": tr.nodes,
-            "updated": time.time(),
+class _Pace:
+    """Wall-clock pace over the last ``window`` rounds (evaluation and checkpoints included)."""
+
+    def __init__(self, history: list[dict[str, Any]], window: int = 10):
+        self.done: deque[tuple[float, float]] = deque(maxlen=window)  # (seconds, images)
+        self.last_tick = time.time()
+        self.metrics: dict[str, Any] = {}
+        self.accuracy: tuple[int, float] | None = None
+        for rec in history:
+            if "eval/accuracy" in rec:
+                self.accuracy = (int(rec["round"]), float(rec["eval/accuracy"]))
+
+    def add(self, round_: int, metrics: dict[str, Any]) -> None:
+        now = time.time()
+        self.done.append((now - self.last_tick, float(metrics.get("rollout/images", 0.0))))
+        self.last_tick, self.metrics = now, metrics
+        if "eval/accuracy" in metrics:
+            self.accuracy = (round_, float(metrics["eval/accuracy"]))
+
+    def seconds_per_round(self) -> float | None:
+        return sum(d for d, _ in self.done) / len(self.done) if self.done else None
+
+    def images_per_s(self) -> float | None:
+        seconds = sum(d for d, _ in self.done)
+        return sum(n for _, n in self.done) / seconds if seconds > 0 else None
+
+
+def update_status(run_dir: RunDir, **fields: Any) -> None:
+    """Merge ``fields`` into ``status.json`` (the driver sets state and identity through this)."""
+    path = run_dir.path / "status.json"
+    try:
+        status = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        status = {}
+    run_dir.write_status({**status, **fields, "updated": time.time()})
+
+
+def worker_health(tr: Trainer) -> dict[str, dict[str, Any]]:
+    """Per role: workers, how many are alive, restarts, nodes; from Ray's actor table.
+
+    The actor table lives in the GCS, so the query neither waits on busy actors nor needs
+    Ray's dashboard (off in local mode). ``ray._private.state`` is the only way there without
+    the dashboard; if it fails, ``alive`` is None (unknown) rather than a guess.
+    """
+    roles = {
+        "rollout": getattr(tr, "rollouts", []),
+        "reward": getattr(tr, "rewards", []),
+        "learner": getattr(tr, "learners", []),
+    }
+    out: dict[str, dict[str, Any]] = {}
+    for role, actors in roles.items():
+        alive: int | None = 0
+        restarts = 0
+        try:
+            from ray._private import state as ray_state
+
+            for actor in actors:
+                info = ray_state.actors(actor_id=actor._actor_id.hex())
+                alive = (alive or 0) + (info.get("State") == "ALIVE")
+                restarts += int(info.get("NumRestarts", 0))
+        except Exception as exc:  # a private API: never let health reporting stop training
+            log.debug("actor table query failed: %s", exc)
+            alive = None
+        nodes = tr.nodes.get(role, [])
+        out[role] = {
+            "num_workers": len(actors),
+            "alive": alive,
+            "restarts": restarts,
+            "nodes": sorted(set(nodes)),
         }
+    return out
+
+
+def _write_status(tr: Trainer, pace: _Pace, state: str) -> None:
+    m = pace.metrics
+    spr = pace.seconds_per_round()
+    remaining = tr.cfg.train.rounds - tr.round
+    ckpt = tr.run_dir.latest_checkpoint()
+    update_status(
+        tr.run_dir,
+        state=state,
+        error=None,
+        round=tr.round,
+        total_rounds=tr.cfg.train.rounds,
+        version=tr.version,
+        reward_mean=m.get("reward/mean"),
+        reward_std=m.get("reward/std"),
+        accuracy=pace.accuracy[1] if pace.accuracy else None,
+        accuracy_round=pace.accuracy[0] if pace.accuracy else None,
+        images_per_s=pace.images_per_s(),
+        rollout_images_per_s=m.get("rollout/images_per_s"),
+        seconds_per_round=spr,
+        eta_s=0.0 if state == "finished" else remaining * spr if spr is not None else None,
+        last_checkpoint=ckpt.name if ckpt else None,
+        workers=worker_health(tr),
+        nodes=tr.nodes,
+        samples_scored=tr.stats["scored"],
+        samples_trained=tr.stats["trained"],
     )

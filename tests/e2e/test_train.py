@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -69,9 +70,12 @@ def test_stop_and_resume_reproduces_the_uninterrupted_run(tmp_path: Path) -> Non
     )
     assert run_train(["--config", str(straight)]).returncode == 0
     part = tiny_config(
-        tmp_path, name="part", train={"rounds": 2, "checkpoint_every": 2, "eval_every": 0}
+        tmp_path, name="part", train={"rounds": 3, "checkpoint_every": 2, "eval_every": 0}
     )
     assert run_train(["--config", str(part)]).returncode == 0
+    # As if killed during round 3: only the mid-run checkpoint of round 2 survives, written
+    # while round 3's prompts were already dealt and its rollouts running.
+    shutil.rmtree(tmp_path / "runs" / "part" / "checkpoints" / "round_00003")
     again = run_train(["--config", str(part), "--set", "train.rounds=4", "--resume"])
     assert again.returncode == 0, again.stderr[-4000:]
     a, b = metrics(tmp_path / "runs" / "straight"), metrics(tmp_path / "runs" / "part")
