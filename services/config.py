@@ -431,7 +431,7 @@ def _format_error(err: ValidationError, source: str, lines: dict[tuple[str, ...]
         where = f" (line {line})" if line else ""
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
-            msg = "unknown key; check the spelling against `elborl config --show` or the docs"
+            msg = "unknown key; check the spelling against `elborl config` or the docs"
         elif e["type"] == "literal_error" or "input" not in e:
             pass
         else:
