@@ -26,7 +26,6 @@ from __future__ import annotations
 import copy
 import logging
 import time
-import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -44,11 +43,11 @@ from learner.old_policy import ema_update_, get_schedule
 from learner.trajectory import flow_grpo_microbatch_loss
 from policy.base import Policy
 from policy.lora import add_lora, trainable_keys
+from policy.state import StateDict, checksum, to_numpy_state
 from rollout.samplers import flow_timesteps
 from services.config import LearnerConfig, LoraConfig, SamplingConfig
 
 log = logging.getLogger(__name__)
-StateDict = dict[str, np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -72,33 +71,6 @@ class TrainBatch:
     seed: int
     trajectory: Tensor | None = None
     log_probs: Tensor | None = None
-
-
-def checksum(state: StateDict) -> str:
-    """A cheap, order-stable fingerprint of a weight dict (crc32 of every array's bytes)."""
-    crc = 0
-    for name in sorted(state):
-        crc = zlib.crc32(name.encode(), crc)
-        crc = zlib.crc32(np.ascontiguousarray(state[name]).view(np.uint8).data, crc)
-    return f"{crc:08x}"
-
-
-def to_numpy_state(module: torch.nn.Module, keys: list[str] | None = None) -> StateDict:
-    """Weights (all, or only ``keys``) as numpy arrays, read zero-copy by Ray actors."""
-    sd = module.state_dict()
-    return {k: sd[k].detach().cpu().numpy().copy() for k in (keys or list(sd))}
-
-
-def load_numpy_state(module: torch.nn.Module, state: StateDict) -> None:
-    """Copy a (possibly partial, e.g. LoRA-only) numpy weight dict into ``module``.
-
-    Every key of ``state`` must exist in the module; arrays may be read-only (Ray's store).
-    """
-    result = module.load_state_dict(
-        {k: torch.from_numpy(np.array(v)) for k, v in state.items()}, strict=False
-    )
-    if result.unexpected_keys:
-        raise ValueError(f"weights for unknown parameters: {result.unexpected_keys[:5]}")
 
 
 def deepspeed_config(cfg: LearnerConfig) -> dict[str, Any]:

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from learner.engine import StateDict, checksum, load_numpy_state
 from policy.base import Policy
+from policy.state import StateDict, checksum, load_numpy_state
 from rollout.evaluate import evaluate
 from rollout.generate import generate
 from services.config import EvalConfig, SamplingConfig

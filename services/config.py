@@ -267,9 +267,6 @@ class TrainConfig(_Section):
         description="Longest wait for one phase of a round (rollout, score, "
         "learner step, actor start-up), seconds; past it the run stops with an error.",
     )
-    deterministic: bool = Field(
-        False, description="Seeded, order-independent execution for exact resume."
-    )
 
 
 class ServiceConfig(_Section):
@@ -360,13 +357,6 @@ class RunConfig(_Section):
             )
         return self
 
-    def steps_per_round(self) -> int:
-        """Microbatches one learner rank processes per round."""
-        return (
-            self.rollout.images_per_round
-            // self.learner.num_workers
-            // self.learner.microbatch_size
-        )
 
 
 class ConfigError(ValueError):

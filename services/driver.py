@@ -188,7 +188,7 @@ class Trainer:
             scale=cfg.learner.advantage_scale,
             std_scope=cfg.learner.advantage_std,
         )
-        self.stats = {"scored": 0, "trained": 0, "rounds": 0}
+        self.stats = {"scored": 0, "trained": 0}
         self.nodes: dict[str, list[str]] = {}
         self.failed = False
 

@@ -119,15 +119,20 @@ def create_app(runs_dir: str | Path, token: str, cors_origins: Sequence[str] = (
     return app
 
 
+def _run_path(reader: RunsReader, run_id: str) -> Path:
+    """A run's directory, or 404."""
+    path = reader.path(run_id)
+    if path is None:
+        raise HTTPException(status_code=404, detail=f"no run {run_id!r}")
+    return path
+
+
 def _add_run_routes(app: FastAPI, reader: RunsReader, auth: list[Any]) -> None:
     """The ``/api/v1/runs`` routes (full paths, so the request counter sees the template)."""
     common: dict[str, Any] = {"tags": ["runs"], "dependencies": auth}
 
     def run_path(run_id: str) -> Path:
-        path = reader.path(run_id)
-        if path is None:
-            raise HTTPException(status_code=404, detail=f"no run {run_id!r}")
-        return path
+        return _run_path(reader, run_id)
 
     @app.get(f"{API}/runs", responses=ERRORS, **common)
     def list_runs() -> RunList:
@@ -160,47 +165,7 @@ def _add_run_routes(app: FastAPI, reader: RunsReader, auth: list[Any]) -> None:
         wanted = [k.strip() for item in keys or [] for k in item.split(",") if k.strip()]
         return reader.metrics(run_id, since, wanted)
 
-    @app.get(
-        f"{API}/runs/{{run_id}}/samples/latest",
-        responses={**ERRORS, 404: {"model": ErrorBody, "description": "No run, or no grid yet."}},
-        **common,
-    )
-    def latest_samples(
-        run_id: RunId,
-        kind: Annotated[
-            Literal["train", "eval"],
-            Query(description="train: the round's rollouts; eval: held-out prompts."),
-        ] = "train",
-    ) -> SampleGrid:
-        """The newest sample grid: its PNG's URL, and its prompts and rewards in grid order."""
-        run_path(run_id)
-        grid = reader.latest_grid(run_id, kind, f"{API}/runs/{run_id}/samples")
-        if grid is None:
-            raise HTTPException(status_code=404, detail=f"run {run_id!r} has no {kind} grid yet")
-        return grid
-
-    @app.get(
-        f"{API}/runs/{{run_id}}/samples/{{file_name}}",
-        response_class=FileResponse,
-        **common,
-        responses={
-            **ERRORS,
-            200: {"content": {"image/png": {}}, "description": "The grid as a PNG."},
-            404: {"model": ErrorBody, "description": "No such run or grid."},
-        },
-    )
-    def sample_file(
-        run_id: RunId,
-        file_name: Annotated[
-            str, PathParam(description="A grid's file name, e.g. round_00010.png.")
-        ],
-    ) -> FileResponse:
-        """One sample grid PNG, as named by ``samples/latest``'s ``image_url``."""
-        run_path(run_id)
-        png = reader.grid_file(run_id, file_name)
-        if png is None:
-            raise HTTPException(status_code=404, detail=f"no grid {file_name!r}")
-        return FileResponse(png, media_type="image/png")
+    _add_sample_routes(app, reader, common)
 
     @app.post(
         f"{API}/runs/{{run_id}}/stop",
@@ -226,3 +191,49 @@ def _add_run_routes(app: FastAPI, reader: RunsReader, auth: list[Any]) -> None:
             requested_at=requested_at,
             message="the run will finish the round in flight, checkpoint it and exit",
         )
+
+
+def _add_sample_routes(app: FastAPI, reader: RunsReader, common: dict[str, Any]) -> None:
+    """The sample-grid routes: the latest grid with its captions, and grid PNGs."""
+
+    @app.get(
+        f"{API}/runs/{{run_id}}/samples/latest",
+        responses={**ERRORS, 404: {"model": ErrorBody, "description": "No run, or no grid yet."}},
+        **common,
+    )
+    def latest_samples(
+        run_id: RunId,
+        kind: Annotated[
+            Literal["train", "eval"],
+            Query(description="train: the round's rollouts; eval: held-out prompts."),
+        ] = "train",
+    ) -> SampleGrid:
+        """The newest sample grid: its PNG's URL, and its prompts and rewards in grid order."""
+        _run_path(reader, run_id)
+        grid = reader.latest_grid(run_id, kind, f"{API}/runs/{run_id}/samples")
+        if grid is None:
+            raise HTTPException(status_code=404, detail=f"run {run_id!r} has no {kind} grid yet")
+        return grid
+
+    @app.get(
+        f"{API}/runs/{{run_id}}/samples/{{file_name}}",
+        response_class=FileResponse,
+        **common,
+        responses={
+            **ERRORS,
+            200: {"content": {"image/png": {}}, "description": "The grid as a PNG."},
+            404: {"model": ErrorBody, "description": "No such run or grid."},
+        },
+    )
+    def sample_file(
+        run_id: RunId,
+        file_name: Annotated[
+            str, PathParam(description="A grid's file name, e.g. round_00010.png.")
+        ],
+    ) -> FileResponse:
+        """One sample grid PNG, as named by ``samples/latest``'s ``image_url``."""
+        _run_path(reader, run_id)
+        png = reader.grid_file(run_id, file_name)
+        if png is None:
+            raise HTTPException(status_code=404, detail=f"no grid {file_name!r}")
+        return FileResponse(png, media_type="image/png")

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from learner.engine import checksum, load_numpy_state, to_numpy_state
 from policy.io import build_tiny
 from policy.lora import add_lora, trainable_keys
+from policy.state import checksum, load_numpy_state, to_numpy_state
 from services.config import LoraConfig
 
 pytestmark = pytest.mark.unit
