@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -71,6 +72,8 @@ class TrainBatch:
     seed: int
     trajectory: Tensor | None = None
     log_probs: Tensor | None = None
+    keep: np.ndarray | None = None  # (B,) bool: samples in the loss (None: all)
+    total_kept: int | None = None  # kept samples over all ranks (None: B x world size)
 
 
 def deepspeed_config(cfg: LearnerConfig) -> dict[str, Any]:
@@ -181,86 +184,153 @@ class LearnerEngine:
 
     # ----------------------------------------------------------------- training
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
-        """One optimizer step on this rank's shard; returns this rank's metrics."""
+        """One optimizer step on this rank's shard; returns this rank's metrics.
+
+        Every rank makes the same sequence of collective calls whatever its data: one backward
+        per (microbatch, timestep index), a zero loss where nothing is kept, then one vote on
+        whether any rank met a non-finite loss. If one did, no rank backpropagates it and the
+        step is applied with learning rate 0 (weights unchanged, ``learner/skipped_step`` = 1).
+        """
         start = time.monotonic()
         n = batch.x0.shape[0]
-        if n % self.cfg.microbatch_size:
-            raise ValueError(f"shard of {n} samples is not a multiple of the microbatch size")
+        keep = batch.keep if batch.keep is not None else np.ones(n, dtype=bool)
+        total = batch.total_kept if batch.total_kept is not None else n * self.world_size
+        if keep.shape != (n,):
+            raise ValueError(f"keep mask of shape {keep.shape} for {n} samples")
         self.policy.train()
+        norm_samples = max(total, 1) / self.world_size
         metrics: list[dict[str, float]] = []
+        bad = 0
         for lo in range(0, n, self.cfg.microbatch_size):
-            idx = slice(lo, lo + self.cfg.microbatch_size)
-            metrics += self._microbatch(batch, idx, n)
-        self.engine.step()
-        improvement = self._improvement(batch)
-        decay = self._update_old()
-        out = merge_metrics(metrics)
+            rows = np.arange(lo, min(lo + self.cfg.microbatch_size, n))
+            m, b = self._microbatch(batch, rows[keep[rows]], norm_samples)
+            metrics += m
+            bad += b
+        skipped = self._vote_skip(bad)
+        self._step(skipped)
+        improvement = self._improvement(batch, keep) if not skipped else float("nan")
+        decay = self._update_old() if not skipped else float("nan")
+        out = merge_metrics(metrics) if metrics else {}
         out["learner/improvement"] = improvement
+        kept_versions = batch.versions[keep]
         out.update(
             {
                 "learner/old_decay": decay,
                 "learner/version": float(self.version),
-                "learner/lag_mean": float(np.mean(self.version - 1 - batch.versions)),
+                "learner/lag_mean": float(np.mean(self.version - 1 + skipped - kept_versions))
+                if kept_versions.size
+                else 0.0,
+                "learner/skipped_step": float(skipped),
+                "learner/nonfinite_losses": float(bad),
+                "learner/samples": float(keep.sum()),
                 "timing/learner_step": time.monotonic() - start,
             }
         )
         return out
 
-    def _microbatch(self, batch: TrainBatch, idx: slice, n: int) -> list[dict[str, float]]:
-        prompts = batch.prompts[idx]
-        cond = self.policy.encode_prompts(prompts)
-        x0, adv = batch.x0[idx], batch.advantages[idx].float()
-        versions = batch.versions[idx]
+    def _vote_skip(self, bad: int) -> bool:
+        """True on every rank when any rank met a non-finite loss this step."""
+        flag = torch.tensor([float(bad > 0)])
+        if self.world_size > 1:
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item() > 0)
+
+    def _step(self, skipped: bool) -> None:
+        """``engine.step()``; with learning rate 0 when the step is skipped."""
+        groups = self.engine.optimizer.param_groups
+        saved = [g["lr"] for g in groups]
+        if skipped:
+            for g in groups:
+                g["lr"] = 0.0
+        try:
+            self.engine.step()
+        finally:
+            for g, lr in zip(groups, saved, strict=True):
+                g["lr"] = lr
+
+    def _zero_loss(self) -> Tensor:
+        """A loss of exactly 0 that touches every trainable parameter (keeps ranks in step)."""
+        return sum(
+            (p.sum() * 0.0 for p in self.policy.parameters() if p.requires_grad),
+            torch.zeros(()),
+        )
+
+    def _backward(self, loss: Tensor | None) -> int:
+        """Backpropagate ``loss``, or a zero loss when it is None or non-finite; 1 if non-finite."""
+        bad = loss is not None and not bool(torch.isfinite(loss))
+        if bad:
+            log.warning("non-finite loss %s: this step will be skipped", float(loss))  # type: ignore[arg-type]
+        self.engine.backward(
+            loss if loss is not None and not bad else self._zero_loss(), scale_wrt_gas=False
+        )
+        return int(bad)
+
+    def _microbatch(
+        self, batch: TrainBatch, rows_np: np.ndarray, norm_samples: float
+    ) -> tuple[list[dict[str, float]], int]:
+        k = self.cfg.num_timesteps if self.cfg.estimator == "elbo" else None
         if self.cfg.estimator == "trajectory":
-            return self._trajectory_microbatch(batch, idx, cond, adv, n)
-        k = self.cfg.num_timesteps
-        t, noise = self._draws(self._noise_ids(batch)[idx], batch.seed, tuple(x0.shape[1:]))
-        norm = GlobalNormalizer(num_samples=n, num_timesteps=k)
-        out = []
-        for version in np.unique(versions):
-            rows = torch.from_numpy(np.flatnonzero(versions == version))
-            old = self._old_for(int(version))
-            sub_cond = self.policy.select(cond, rows)
-            for j in range(k):
-                draw = make_noise_draw(x0[rows], t[rows, j], self.loss_cfg, noise=noise[rows, j])
+            assert batch.log_probs is not None or not len(rows_np)
+            k = batch.log_probs.shape[1] if batch.log_probs is not None else 1
+        assert k is not None
+        if not len(rows_np):
+            return [], sum(self._backward(None) for _ in range(k))
+        rows = torch.from_numpy(rows_np)
+        cond = self.policy.encode_prompts([batch.prompts[i] for i in rows_np])
+        adv = batch.advantages[rows].float()
+        if self.cfg.estimator == "trajectory":
+            return self._trajectory_microbatch(batch, rows, cond, adv, norm_samples)
+        x0, versions = batch.x0[rows], batch.versions[rows_np]
+        t, noise = self._draws(self._noise_ids(batch)[rows_np], batch.seed, tuple(x0.shape[1:]))
+        norm = GlobalNormalizer(num_samples=norm_samples, num_timesteps=k)
+        out, bad = [], 0
+        for j in range(k):
+            total: Tensor | None = None
+            for version in np.unique(versions):  # one backward per j, whatever the versions
+                sub = torch.from_numpy(np.flatnonzero(versions == version))
+                draw = make_noise_draw(x0[sub], t[sub, j], self.loss_cfg, noise=noise[sub, j])
                 loss, m = microbatch_loss(
                     self.engine,
-                    old,
+                    self._old_for(int(version)),
                     self.ref,
-                    x0[rows],
-                    sub_cond,
-                    adv[rows],
+                    x0[sub],
+                    self.policy.select(cond, sub),
+                    adv[sub],
                     draw,
                     self.loss_cfg,
                     norm,
                 )
-                _check_finite(loss)
-                self.engine.backward(loss, scale_wrt_gas=False)
+                _inject_nan(self, loss)
+                total = loss if total is None else total + loss
                 out.append(m)
-        return out
+            bad += self._backward(total)
+        return out, bad
 
     @torch.no_grad()
-    def _improvement(self, batch: TrainBatch) -> float:
-        """``mean(A (E_new - E_old))`` on the first microbatch after the step (first timestep).
+    def _improvement(self, batch: TrainBatch, keep: np.ndarray) -> float:
+        """``mean(A (E_new - E_old))`` on the first kept microbatch after the step (timestep 0).
 
         Positive when the update moved likelihood towards high-advantage samples: the
         policy-improvement signal the surrogate losses aim for (a check, not trained on).
         """
         if self.cfg.estimator != "elbo" or self.loss_cfg.prediction != "velocity":
             return float("nan")
-        idx = slice(0, min(self.cfg.microbatch_size, batch.x0.shape[0]))
-        x0, adv = batch.x0[idx], batch.advantages[idx].float()
+        idx = np.flatnonzero(keep)[: self.cfg.microbatch_size]
+        if not idx.size:
+            return float("nan")
+        rows = torch.from_numpy(idx)
+        x0, adv = batch.x0[rows], batch.advantages[rows].float()
         versions = batch.versions[idx]
-        cond = self.policy.encode_prompts(batch.prompts[idx])
+        cond = self.policy.encode_prompts([batch.prompts[i] for i in idx])
         t, noise = self._draws(self._noise_ids(batch)[idx], batch.seed, tuple(x0.shape[1:]))
         total = 0.0
         for version in np.unique(versions):
-            rows = torch.from_numpy(np.flatnonzero(versions == version))
-            draw = make_noise_draw(x0[rows], t[rows, 0], self.loss_cfg, noise=noise[rows, 0])
-            sub = self.policy.select(cond, rows)
-            e_new = self._elbo(self.engine, x0[rows], sub, draw)
-            e_old = self._elbo(self._old_for(int(version)), x0[rows], sub, draw)
-            total += float((adv[rows] * (e_new - e_old)).sum())
+            sub = torch.from_numpy(np.flatnonzero(versions == version))
+            draw = make_noise_draw(x0[sub], t[sub, 0], self.loss_cfg, noise=noise[sub, 0])
+            cs = self.policy.select(cond, sub)
+            e_new = self._elbo(self.engine, x0[sub], cs, draw)
+            e_old = self._elbo(self._old_for(int(version)), x0[sub], cs, draw)
+            total += float((adv[sub] * (e_new - e_old)).sum())
         return total / x0.shape[0]
 
     def _elbo(self, model: Any, x0: Tensor, cond: Any, draw: NoiseDraw) -> Tensor:
@@ -290,22 +360,22 @@ class LearnerEngine:
         return torch.stack(ts), torch.stack(eps)
 
     def _trajectory_microbatch(
-        self, batch: TrainBatch, idx: slice, cond: Any, adv: Tensor, n: int
-    ) -> list[dict[str, float]]:
+        self, batch: TrainBatch, rows: Tensor, cond: Any, adv: Tensor, norm_samples: float
+    ) -> tuple[list[dict[str, float]], int]:
         if batch.trajectory is None or batch.log_probs is None:
             raise ValueError("the trajectory estimator needs SDE rollouts with log-probs")
-        traj, logp = batch.trajectory[idx], batch.log_probs[idx]
+        traj, logp = batch.trajectory[rows], batch.log_probs[rows]
         steps = logp.shape[1]
-        norm = GlobalNormalizer(num_samples=n, num_timesteps=steps)
+        norm = GlobalNormalizer(num_samples=norm_samples, num_timesteps=steps)
         order = torch.stack(
             [
                 torch.randperm(
                     steps, generator=torch.Generator().manual_seed(_mix(batch.seed, int(s)))
                 )
-                for s in batch.sample_ids[idx]
+                for s in batch.sample_ids[rows.numpy()]
             ]
         )
-        out = []
+        out, bad = [], 0
         for j in range(steps):
             loss, m = flow_grpo_microbatch_loss(
                 self.engine,
@@ -322,10 +392,10 @@ class LearnerEngine:
                 adv_clip_max=self.cfg.adv_clip,
                 beta=self.cfg.kl_beta,
             )
-            _check_finite(loss)
-            self.engine.backward(loss, scale_wrt_gas=False)
+            _inject_nan(self, loss)
+            bad += self._backward(loss)
             out.append(m)
-        return out
+        return out, bad
 
     # ----------------------------------------------------------------- checkpoints
     def save(self, directory: Path) -> None:
@@ -362,6 +432,13 @@ def _mix(seed: int, sample_id: int) -> int:
     return (z ^ (z >> 31)) & 0x7FFFFFFFFFFFFFFF
 
 
-def _check_finite(loss: Tensor) -> None:
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"non-finite loss {float(loss)}; the step is not applied")
+def _inject_nan(engine: LearnerEngine, loss: Tensor) -> None:
+    """Fault injection for the reliability tests: ``ELBORL_FAULT_NAN_LOSS`` lists learner
+    steps (1-based, comma-separated, or ``all``) whose losses become NaN. Unset: nothing."""
+    spec = os.environ.get("ELBORL_FAULT_NAN_LOSS")
+    if not spec:
+        return
+    step = int(engine.engine.global_steps) + 1
+    if spec == "all" or str(step) in spec.split(","):
+        with torch.no_grad():
+            loss.mul_(float("nan"))

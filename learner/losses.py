@@ -25,7 +25,9 @@ the returned losses over timestep indices, microbatches and ranks gives exactly 
 all ``N K`` pairs, the official objective (per-microbatch mean / (accumulation x K), DDP-averaged).
 Consequences: (1) gradients must be **summed** across ranks; a data-parallel engine that
 averages (DDP, DeepSpeed) needs the loss multiplied by the world size, or ``num_samples`` set
-to the per-rank count; (2) unequal microbatches are weighted correctly (per pair, not per batch).
+to the per-rank count (global N / world size, which need not be an integer when ranks keep
+different numbers of samples); (2) unequal microbatches are weighted correctly (per pair,
+not per batch).
 
 Source: DESIGN.md s.1, checked against ``jaemoo-choi/rethinking-diffusion-rl``
 ``src/utils/base.py:compute_policy_loss/compute_kl_loss`` (girsanov). Written from the equations.
@@ -110,15 +112,15 @@ class GlobalNormalizer:
         num_timesteps: K, ELBO timesteps (or trajectory steps) trained per sample.
     """
 
-    num_samples: int
+    num_samples: float
     num_timesteps: int
 
     def __post_init__(self) -> None:
-        if self.num_samples < 1 or self.num_timesteps < 1:
-            raise ValueError(f"need num_samples, num_timesteps >= 1, got {self}")
+        if not self.num_samples > 0 or self.num_timesteps < 1:
+            raise ValueError(f"need num_samples > 0 and num_timesteps >= 1, got {self}")
 
     @property
-    def num_pairs(self) -> int:
+    def num_pairs(self) -> float:
         """N K, the number of (sample, timestep) pairs the loss is a mean over."""
         return self.num_samples * self.num_timesteps
 

@@ -11,6 +11,7 @@ interface so the reward actors never special-case a reward by name.
 
 from __future__ import annotations
 
+import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -28,9 +29,14 @@ class RewardOutput:
 
 
 class Reward(ABC):
-    """A reward function over (image, prompt) pairs."""
+    """A reward function over (image, prompt) pairs.
+
+    ``range`` is the interval valid scores lie in (``None``: any finite value); the scorer
+    marks a sample whose score is NaN/inf or outside it as invalid, and the driver drops it.
+    """
 
     name: str
+    range: tuple[float, float] | None = None
 
     @abstractmethod
     def score(self, images: np.ndarray, prompts: Sequence[str]) -> RewardOutput:
@@ -61,10 +67,27 @@ def register(name: str) -> Callable[[Callable[[], Reward]], Callable[[], Reward]
     return deco
 
 
-def build_reward(name: str) -> Reward:
-    """Instantiate a registered reward by its config name."""
+def build_reward(name: str, params: dict[str, Any] | None = None) -> Reward:
+    """Instantiate a reward: a registered name, or ``package.module:ClassName`` with ``params``.
+
+    The import path form lets a user plug their own reward in without touching elborl; the
+    class must subclass ``Reward`` and be importable on every node (e.g. shipped in the Ray
+    job's ``working_dir`` or installed).
+    """
     import rewards.builtin  # noqa: F401  (registers the built-in rewards)
 
-    if name not in _REGISTRY:
+    if name in _REGISTRY:
+        return _REGISTRY[name]()
+    module_name, sep, attr = name.partition(":")
+    if not sep:
         raise ValueError(f"unknown reward {name!r}; registered: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name]()
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"reward {name!r} cannot be imported: {exc}") from exc
+    if not (isinstance(factory, type) and issubclass(factory, Reward)):
+        raise ValueError(f"reward {name!r} is not a rewards.base.Reward subclass")
+    reward = factory(**(params or {}))
+    if not getattr(reward, "name", None):
+        reward.name = attr
+    return reward

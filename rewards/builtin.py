@@ -17,6 +17,7 @@ class ShapesReward(Reward):
     """GenEval-style verifier: the fraction of the prompt's clauses the image satisfies."""
 
     name = "shapes"
+    range = (0.0, 1.0)
 
     def score(self, images: np.ndarray, prompts: Sequence[str]) -> RewardOutput:
         self.check_batch(images, prompts)
@@ -36,6 +37,7 @@ class ShapesStrictReward(Reward):
     """
 
     name = "shapes_strict"
+    range = (0.0, 1.0)
 
     def score(self, images: np.ndarray, prompts: Sequence[str]) -> RewardOutput:
         self.check_batch(images, prompts)

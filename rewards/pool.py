@@ -39,24 +39,37 @@ class ScoredBatch:
     version: int
     seconds: float
     rollout_seconds: float
+    valid: np.ndarray  # (B,) bool: every reward finite and within its range
 
 
 class RewardScorer:
-    """A weighted sum of registered rewards."""
+    """A weighted sum of rewards; a score that is NaN/inf or out of range invalidates a sample."""
 
     def __init__(self, specs: list[RewardSpec]):
-        self.rewards = [(build_reward(s.name), s.weight) for s in specs]
+        self.rewards = []
+        for s in specs:
+            reward = build_reward(s.name, s.params)
+            self.rewards.append((reward, s.weight, s.range or reward.range))
 
     def score(self, batch: RolloutImagesLike) -> ScoredBatch:
         """Score every image of a rollout batch against its prompt."""
         start = time.monotonic()
-        total = np.zeros(len(batch.prompts))
+        n = len(batch.prompts)
+        total = np.zeros(n)
+        valid = np.ones(n, dtype=bool)
         per_reward: dict[str, np.ndarray] = {}
         passed = None
-        for reward, weight in self.rewards:
+        for reward, weight, bounds in self.rewards:
             out = reward.score(batch.images, batch.prompts)
-            per_reward[reward.name] = out.scores
-            total += weight * out.scores
+            scores = np.asarray(out.scores, dtype=np.float64).reshape(-1)
+            if scores.shape != (n,):
+                raise ValueError(f"reward {reward.name!r} gave {scores.shape[0]} scores for {n}")
+            ok = np.isfinite(scores)
+            if bounds is not None:
+                ok &= (scores >= bounds[0]) & (scores <= bounds[1])
+            valid &= ok
+            per_reward[reward.name] = scores
+            total += weight * np.where(ok, scores, 0.0)
             if out.details and "passed" in out.details[0]:
                 passed = np.array([d["passed"] for d in out.details])
         return ScoredBatch(
@@ -68,4 +81,5 @@ class RewardScorer:
             batch.version,
             time.monotonic() - start,
             batch.seconds,
+            valid,
         )

@@ -58,12 +58,15 @@ class RolloutWorker:
         """Load a published weight dict (resolved from its ObjectRef, zero-copy)."""
         return self.engine.load_weights(state, version)
 
-    @ray.method(num_returns=2)
+    @ray.method(num_returns=3)
     def generate(
         self, prompts: list[str], sample_ids: np.ndarray, group_ids: np.ndarray, seed: int
-    ) -> tuple[Any, Any]:
-        """Returns two ObjectRefs: (RolloutImages for rewards, RolloutSamples for the learner)."""
-        return self.engine.generate(prompts, sample_ids, group_ids, seed)
+    ) -> tuple[dict[str, Any], Any, Any]:
+        """Three ObjectRefs: a small receipt (count, version, seconds) the driver reads to learn
+        that the rollout succeeded, RolloutImages for rewards, RolloutSamples for the learner."""
+        images, samples = self.engine.generate(prompts, sample_ids, group_ids, seed)
+        receipt = {"count": len(prompts), "version": images.version, "seconds": images.seconds}
+        return receipt, images, samples
 
     def evaluate(
         self, state: dict[str, np.ndarray] | None, prompts: list[str], cfg: EvalConfig, seed: int
@@ -82,6 +85,9 @@ class RewardWorker:
 
         _threads(threads)
         self.scorer = RewardScorer(specs)
+
+    def pid(self) -> int:
+        return os.getpid()
 
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
@@ -138,9 +144,19 @@ class LearnerWorker:
         return True
 
     def train_step(
-        self, sample_refs: list[ray.ObjectRef], advantages: np.ndarray, seed: int
+        self,
+        sample_refs: list[ray.ObjectRef],
+        advantages: np.ndarray,
+        keep: np.ndarray,
+        total_kept: int,
+        seed: int,
     ) -> dict[str, float]:
-        """Fetch this rank's rollout samples by ref, attach advantages, take one step."""
+        """Fetch this rank's rollout samples by ref, attach advantages, take one step.
+
+        ``advantages`` and ``keep`` cover every sample of the chunks, in order; samples whose
+        reward was invalid or never came (``keep`` False) are left out of the loss.
+        ``total_kept`` counts the kept samples over all ranks (the loss normaliser).
+        """
         from learner.engine import TrainBatch
 
         chunks = ray.get(sample_refs)
@@ -156,6 +172,8 @@ class LearnerWorker:
             seed=seed,
             trajectory=torch.cat(traj) if traj[0] is not None else None,
             log_probs=torch.cat(logp) if logp[0] is not None else None,
+            keep=np.asarray(keep, dtype=bool),
+            total_kept=int(total_kept),
         )
         return self.engine.train_step(batch)
 

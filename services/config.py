@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 PositiveInt = Annotated[int, Field(gt=0)]
 
@@ -172,17 +172,51 @@ class RolloutConfig(_Section):
         return self.prompts_per_round * self.images_per_prompt
 
 
+BUILTIN_REWARDS = ("shapes", "shapes_strict", "jpeg_compressibility", "jpeg_incompressibility")
+
+
 class RewardSpec(_Section):
     """One reward function in the weighted sum."""
 
-    name: Literal["shapes", "shapes_strict", "jpeg_compressibility", "jpeg_incompressibility"] = (
-        Field(
-            ...,
-            description="Registered reward: `shapes` (fraction of clauses passed), `shapes_strict` "
-            "(1 if every clause passes), `jpeg_(in)compressibility` (-/+ JPEG kB).",
-        )
+    name: str = Field(
+        ...,
+        min_length=1,
+        description="A built-in reward: `shapes` (fraction of clauses passed), `shapes_strict` "
+        "(1 if every clause passes), `jpeg_(in)compressibility` (-/+ JPEG kB); or your own as "
+        "`package.module:ClassName` (a `rewards.base.Reward` subclass importable on every node).",
     )
     weight: float = Field(1.0, description="Weight of this reward in the total (dimensionless).")
+    params: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Keyword arguments for a `module:Class` reward's constructor (none for "
+        "the built-ins).",
+    )
+    range: tuple[float, float] | None = Field(
+        None,
+        description="Valid score range [low, high]; a score outside it (or NaN/inf) makes the "
+        "sample invalid (dropped and counted). Default: the reward's own declared range.",
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _known_name(cls, v: str) -> str:
+        if v in BUILTIN_REWARDS:
+            return v
+        module, sep, attr = v.partition(":")
+        if not sep or not module or not attr.isidentifier():
+            raise ValueError(
+                f"unknown reward {v!r}: use one of {', '.join(BUILTIN_REWARDS)} or an import "
+                "path `package.module:ClassName`"
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> RewardSpec:
+        if self.params and self.name in BUILTIN_REWARDS:
+            raise ValueError(f"reward {self.name!r} takes no params")
+        if self.range is not None and not self.range[0] < self.range[1]:
+            raise ValueError(f"range {list(self.range)} must be [low, high] with low < high")
+        return self
 
 
 class RewardsConfig(_Section):
@@ -197,7 +231,12 @@ class RewardsConfig(_Section):
     resources: Resources = Field(
         default_factory=lambda: Resources(num_cpus=0.5), description="Per-actor resources."
     )
-    timeout_s: float = Field(60.0, gt=0, description="Per-call scoring timeout, seconds.")
+    timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="Per-call scoring timeout, seconds: a reward actor that has not answered "
+        "by then is killed and replaced, and the batch retried (see `faults.reward_retries`).",
+    )
 
 
 class LearnerConfig(_Section):
@@ -269,6 +308,35 @@ class TrainConfig(_Section):
     )
 
 
+class FaultsConfig(_Section):
+    """What the run tolerates before it stops (docs/reliability.md)."""
+
+    reward_retries: int = Field(
+        2,
+        ge=0,
+        description="Retries of one reward batch whose actor died or timed out; after them the "
+        "batch's samples are dropped and counted (`faults/samples_dropped`).",
+    )
+    max_restarts: int = Field(
+        5,
+        ge=0,
+        description="Actor replacements per role (rollout, reward) over the whole run; one more "
+        "death stops the run with a checkpoint.",
+    )
+    max_invalid_fraction: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="Largest fraction of a round's samples that may be invalid (NaN/inf or "
+        "out-of-range reward, or dropped) before the round counts as bad.",
+    )
+    max_bad_rounds: PositiveInt = Field(
+        3,
+        description="Consecutive bad rounds (see max_invalid_fraction) or skipped learner steps "
+        "(non-finite loss) after which the run stops with an error and a checkpoint.",
+    )
+
+
 class ServiceConfig(_Section):
     """The status/control HTTP service (``services/api``): JSON API, Prometheus, dashboard."""
 
@@ -316,6 +384,7 @@ class RunConfig(_Section):
     rewards: RewardsConfig = Field(default_factory=RewardsConfig, description="Reward pool.")
     learner: LearnerConfig = Field(default_factory=LearnerConfig, description="Learner.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="RL loop.")
+    faults: FaultsConfig = Field(default_factory=FaultsConfig, description="Fault tolerance.")
     service: ServiceConfig = Field(default_factory=ServiceConfig, description="Status service.")
 
     @model_validator(mode="after")
@@ -356,7 +425,6 @@ class RunConfig(_Section):
                 f"model.arch.pack = {self.model.arch.pack}"
             )
         return self
-
 
 
 class ConfigError(ValueError):

@@ -16,8 +16,12 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
 import socket
+import sys
+import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,26 +31,32 @@ from typing import Any
 import numpy as np
 import ray
 import torch
+from ray.exceptions import GetTimeoutError, RayActorError
 
 from learner.advantages import AdvantageConfig, compute_advantages
 from services.api.control import clear_stop_request, load_token
+from services.collect import RunStopped, collect_round, get_or_stop
 from services.commands import resolve_prompts
 from services.config import ConfigError, Resources, RunConfig
 from services.loop import update_status, worker_health
 from services.prompts import PromptDealer, RoundPrompts
-from services.resources import check_resources
-from services.run import RunDir, read_driver_state
+from services.resources import check_resources, missing_for
+from services.run import RunDir, read_driver_state, verify_checkpoint
 
 log = logging.getLogger("elborl.driver")
 
 
 @dataclass
 class Chunk:
-    """One rollout call: which worker, its ids, and the two result refs."""
+    """One rollout call: its worker, ids, seed and result refs (replaced if regenerated)."""
 
     index: int
+    worker: int
+    prompts: list[str]
     sample_ids: np.ndarray
     group_ids: np.ndarray
+    seed: int
+    receipt: ray.ObjectRef
     images: ray.ObjectRef
     samples: ray.ObjectRef
 
@@ -63,17 +73,19 @@ class PendingRound:
 
 
 def train(cfg: RunConfig, address: str | None, resume: bool, config_path: str | None) -> int:
-    """``elborl train``: returns the process exit status."""
-    prompts = [p.text for p in resolve_prompts(cfg.world.train_prompts, "world.train_prompts")]
-    eval_prompts = [p.text for p in resolve_prompts(cfg.world.eval_prompts, "world.eval_prompts")]
-    if not cfg.model.checkpoint or not Path(cfg.model.checkpoint, "config.json").exists():
-        raise ConfigError(
-            f"model.checkpoint = {cfg.model.checkpoint!r} is not a saved policy; run "
-            "`elborl pretrain` or point it at one"
-        )
+    """``elborl train``: returns the process exit status.
+
+    0: finished, or stopped on request; 1: stopped by a fault (``RunStopped``, ``LearnerLost``,
+    with a checkpoint where one could be written); 128 + signal number after SIGTERM/SIGINT
+    (the round in flight is finished and checkpointed first).
+    """
+    prompts, eval_prompts = _preflight(cfg)
     token = load_token(cfg.service) if cfg.service.enabled else None
     run = RunDir(cfg, resume)
+    if resume and (ckpt := run.latest_checkpoint()) is not None:
+        verify_checkpoint(ckpt)  # before any actor starts: a damaged file is named here
     clear_stop_request(run.path)
+    hint = f"elborl train --config {config_path or '<the same config>'} --resume"
     with _serving(cfg, token) as service_url:
         update_status(
             run,
@@ -86,13 +98,17 @@ def train(cfg: RunConfig, address: str | None, resume: bool, config_path: str | 
             hostname=socket.gethostname(),
             service_url=service_url,
         )
-        stopped = False
         trainer = Trainer(cfg, run, prompts, eval_prompts)
         try:
-            with ray_session(address):
+            with ray_session(address), _signals(trainer):  # after ray.init: it sets its own
                 try:
                     trainer.start(resume)
                     stopped = trainer.run()
+                except (RunStopped, LearnerLost) as exc:
+                    _record_failure(trainer, exc, health=True)
+                    log.error("run stopped: %s", exc)
+                    print(f"elborl train: run stopped: {exc}\nresume with: {hint}", file=sys.stderr)
+                    return 1
                 except BaseException as exc:
                     _record_failure(trainer, exc, health=True)
                     raise
@@ -101,12 +117,68 @@ def train(cfg: RunConfig, address: str | None, resume: bool, config_path: str | 
         except BaseException as exc:  # Ray itself failed to start or stop
             _record_failure(trainer, exc, health=False)
             raise
-        update_status(run, state="stopped" if stopped else "finished", eta_s=None)
+        return _finish(trainer, stopped, hint)
+
+
+def _finish(trainer: Trainer, stopped: bool, hint: str) -> int:
+    run = trainer.run_dir
+    if trainer.interrupted:
+        message = f"interrupted by {trainer.interrupted} after round {trainer.round}"
+        update_status(run, state="stopped", error=message, eta_s=None)
+        print(f"elborl train: {message}; checkpointed. Resume with: {hint}", file=sys.stderr)
+        return 128 + int(getattr(signal, trainer.interrupted))
+    update_status(run, state="stopped" if stopped else "finished", eta_s=None)
     if stopped:
-        log.info("stopped on request after round %d; continue with --resume", trainer.round)
+        log.info("stopped on request after round %d; continue with: %s", trainer.round, hint)
     else:
         log.info("run finished: %s", run.path)
     return 0
+
+
+def _preflight(cfg: RunConfig) -> tuple[list[str], list[str]]:
+    """Validate every input file before anything is written or started; errors name the file."""
+    prompts = [p.text for p in resolve_prompts(cfg.world.train_prompts, "world.train_prompts")]
+    eval_prompts = [p.text for p in resolve_prompts(cfg.world.eval_prompts, "world.eval_prompts")]
+    if not cfg.model.checkpoint or not Path(cfg.model.checkpoint, "config.json").exists():
+        raise ConfigError(
+            f"model.checkpoint = {cfg.model.checkpoint!r} is not a saved policy; run "
+            "`elborl pretrain` or point it at one"
+        )
+    from policy.io import load_policy
+
+    try:
+        policy = load_policy(cfg.model.checkpoint)
+    except Exception as exc:  # corrupted weights or a config.json from something else
+        raise ConfigError(f"model.checkpoint = {cfg.model.checkpoint!r}: {exc}") from exc
+    if policy.image_size != cfg.world.image_size:
+        raise ConfigError(
+            f"model.checkpoint {cfg.model.checkpoint!r} was trained on "
+            f"{policy.image_size}px images but world.image_size = {cfg.world.image_size}; use "
+            "the checkpoint's size or a checkpoint made for this config"
+        )
+    return prompts, eval_prompts
+
+
+@contextmanager
+def _signals(trainer: Trainer) -> Iterator[None]:
+    """First SIGTERM/SIGINT: finish the round in flight, checkpoint, exit 128+n. Second: abort."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, _frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if trainer.interrupted:
+            raise KeyboardInterrupt(f"second {name}: aborting without a checkpoint")
+        trainer.interrupted = name
+        log.warning("%s: finishing the round in flight, then checkpointing (again to abort)", name)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 @contextmanager
@@ -189,28 +261,24 @@ class Trainer:
             std_scope=cfg.learner.advantage_std,
         )
         self.stats = {"scored": 0, "trained": 0}
+        self.faults: Counter[str] = Counter()  # cumulative fault counters (faults/ metrics)
         self.nodes: dict[str, list[str]] = {}
         self.failed = False
+        self.interrupted: str | None = None  # the signal's name once SIGTERM/SIGINT arrived
+        self.state_ref: Any = None  # the published weights, kept for replacement workers
+        self.last_done: PendingRound | None = None  # the last round whose update was applied
+        self.checkpointed = 0  # the round of the newest checkpoint written by this process
+        self.bad_rounds = 0  # consecutive rounds over faults.max_invalid_fraction or skipped
 
     # ------------------------------------------------------------------ start-up
     def start(self, resume: bool) -> None:
         """Check resources, start every actor, set up the learner group, publish weights."""
         check_resources(self.cfg)
         c = self.cfg
-        from services.actors import LearnerWorker, RewardWorker, RolloutWorker
+        self.rollouts = [self._new_rollout() for _ in range(c.rollout.num_workers)]
+        self.rewards = [self._new_reward() for _ in range(c.rewards.num_actors)]
+        from services.actors import LearnerWorker
 
-        self.rollouts = [
-            RolloutWorker.options(**_options(c.rollout.resources)).remote(  # type: ignore[attr-defined]
-                c.model, c.rollout.sampling, _threads(c.rollout.resources)
-            )
-            for _ in range(c.rollout.num_workers)
-        ]
-        self.rewards = [
-            RewardWorker.options(**_options(c.rewards.resources)).remote(  # type: ignore[attr-defined]
-                c.rewards.functions, _threads(c.rewards.resources)
-            )
-            for _ in range(c.rewards.num_actors)
-        ]
         w = c.learner.num_workers
         self.learners = [
             LearnerWorker.options(**_options(c.learner.resources)).remote(  # type: ignore[attr-defined]
@@ -230,6 +298,62 @@ class Trainer:
         if resume:
             self._restore()
         self.publish()
+
+    def _new_rollout(self) -> Any:
+        from services.actors import RolloutWorker
+
+        res = self.cfg.rollout.resources
+        return RolloutWorker.options(**_options(res)).remote(  # type: ignore[attr-defined]
+            self.cfg.model, self.cfg.rollout.sampling, _threads(res)
+        )
+
+    def _new_reward(self) -> Any:
+        from services.actors import RewardWorker
+
+        res = self.cfg.rewards.resources
+        return RewardWorker.options(**_options(res)).remote(  # type: ignore[attr-defined]
+            self.cfg.rewards.functions, _threads(res)
+        )
+
+    def _replacement(self, role: str, res: Resources, make: Any) -> Any:
+        """A new actor for ``role`` once the restart budget and the live nodes allow it."""
+        key = f"{role}_restarts"
+        if self.faults[key] >= self.cfg.faults.max_restarts:
+            raise RunStopped(
+                f"{role} actors died {self.faults[key] + 1} times, more than "
+                f"faults.max_restarts = {self.cfg.faults.max_restarts}"
+            )
+        missing = missing_for(role, res)
+        if missing:
+            raise RunStopped(missing)
+        actor = make()
+        node = get_or_stop(actor.node_id.remote(), self.timeout, f"a replacement {role} actor")
+        self.faults[key] += 1
+        self.nodes.setdefault(role, []).append(node)
+        return actor
+
+    def replace_rollout(self, i: int) -> None:
+        """Replace dead rollout worker ``i``; it loads the latest published weights."""
+        actor = self._replacement("rollout", self.cfg.rollout.resources, self._new_rollout)
+        report = get_or_stop(
+            actor.load_weights.remote(self.state_ref, self.version), self.timeout, "weight load"
+        )
+        if report["checksum"] != self.published_checksum:
+            raise RuntimeError("a replacement rollout worker loaded weights with a wrong checksum")
+        self.rollouts[i] = actor
+        log.warning("rollout worker %d replaced (weights version %d)", i, self.version)
+
+    def replace_reward(self, i: int) -> None:
+        """Replace dead or hung reward actor ``i``."""
+        self.rewards[i] = self._replacement("reward", self.cfg.rewards.resources, self._new_reward)
+        log.warning("reward actor %d replaced", i)
+
+    def regenerate(self, pending: PendingRound, ch: Chunk) -> None:
+        """Generate chunk ``ch`` again (same prompts and seed) on its worker's current actor."""
+        self.faults["chunks_regenerated"] += 1
+        ch.receipt, ch.images, ch.samples = self.rollouts[ch.worker].generate.remote(
+            ch.prompts, ch.sample_ids, ch.group_ids, ch.seed
+        )
 
     def _wait_ready(self) -> dict[str, list[str]]:
         """Every actor alive (its node id), or a clear error after a bounded wait."""
@@ -261,22 +385,36 @@ class Trainer:
         self.dealer.epoch, self.dealer.cursor = state["dealer"]["epoch"], state["dealer"]["cursor"]
         self.stats = state["stats"]
         self.run_dir.truncate_history(self.round)
+        self.checkpointed = self.round
         log.info("resumed from %s (round %d)", ckpt, self.round)
 
     # ------------------------------------------------------------------ phases
     def publish(self) -> dict[str, float]:
-        """Put the learner's sampling weights in the object store once; every worker loads them."""
+        """Put the learner's sampling weights in the object store once; every worker loads them.
+
+        A rollout worker that dies while loading is replaced (the replacement loads the same
+        object).
+        """
         start = time.monotonic()
         meta_ref, state_ref = self.learners[0].publish_weights.remote()
-        meta = ray.get(meta_ref, timeout=self.timeout)
-        reports = ray.get(
-            [w.load_weights.remote(state_ref, meta["version"]) for w in self.rollouts],
-            timeout=self.timeout,
-        )
+        meta = self._learner_get(meta_ref, "publishing weights")
+        self.state_ref, self.published_checksum = state_ref, meta["checksum"]
+        self.version = int(meta["version"])
+        loads = {
+            i: w.load_weights.remote(state_ref, meta["version"])
+            for i, w in enumerate(self.rollouts)
+        }
+        reports = []
+        for i, ref in loads.items():
+            try:
+                reports.append(ray.get(ref, timeout=self.timeout))
+            except RayActorError:
+                log.warning("rollout worker %d died loading weights", i)
+                self.replace_rollout(i)
+                reports.append({"checksum": meta["checksum"], "seconds": float("nan")})
         bad = [r for r in reports if r["checksum"] != meta["checksum"]]
         if bad:
             raise RuntimeError(f"rollout workers loaded weights with the wrong checksum: {bad}")
-        self.version = int(meta["version"])
         seconds = time.monotonic() - start
         return {
             "weights/version": self.version,
@@ -284,7 +422,7 @@ class Trainer:
             "weights/checksum": int(meta["checksum"], 16),
             "weights/seconds": seconds,
             "weights/MBps": meta["bytes"] * len(self.rollouts) / 1e6 / max(seconds, 1e-9),
-            "weights/load_seconds_max": max(r["seconds"] for r in reports),
+            "weights/load_seconds_max": float(np.nanmax([r["seconds"] for r in reports] + [0.0])),
         }
 
     def launch(self, round_: int) -> PendingRound:
@@ -295,48 +433,100 @@ class Trainer:
         num_chunks = math.lcm(c.rollout.num_workers, c.learner.num_workers)
         chunks = []
         for i, idx in enumerate(np.array_split(np.arange(len(rp.prompts)), num_chunks)):
-            worker = self.rollouts[i % len(self.rollouts)]
+            worker = i % len(self.rollouts)
             seed = _seed(c.seed, round_, i)
-            imgs, samples = worker.generate.remote(
-                [rp.prompts[j] for j in idx], rp.sample_ids[idx], rp.group_ids[idx], seed
+            prompts = [rp.prompts[j] for j in idx]
+            receipt, imgs, samples = self.rollouts[worker].generate.remote(
+                prompts, rp.sample_ids[idx], rp.group_ids[idx], seed
             )
-            chunks.append(Chunk(i, rp.sample_ids[idx], rp.group_ids[idx], imgs, samples))
-        return PendingRound(round_, rp, chunks, time.monotonic(), dealer_after)
-
-    def score(self, pending: PendingRound) -> tuple[Any, list[Any]]:
-        """Score every chunk on the reward pool (images go rollout -> reward by ref)."""
-        refs = [
-            self.rewards[ch.index % len(self.rewards)].score.remote(ch.images)
-            for ch in pending.chunks
-        ]
-        scored = ray.get(refs, timeout=self.timeout)
-        ids = np.concatenate([s.sample_ids for s in scored])
-        expected = pending.prompts.sample_ids
-        if len(ids) != len(expected) or set(ids.tolist()) != set(expected.tolist()):
-            raise RuntimeError(f"round {pending.round}: scored samples do not match the rollout")
-        self.stats["scored"] += len(ids)
-        return scored, refs
-
-    def learn(self, pending: PendingRound, scored: list[Any]) -> tuple[dict[str, float], Any]:
-        """Advantages per prompt group, then one optimizer step on every rank."""
-        rewards = torch.from_numpy(np.concatenate([s.total for s in scored]))
-        groups = torch.from_numpy(np.concatenate([s.group_ids for s in scored]))
-        adv, adv_metrics = compute_advantages(rewards, groups, self.adv_cfg)
-        adv_np = adv.numpy()
-        offsets = np.cumsum([0] + [len(ch.sample_ids) for ch in pending.chunks])
-        w = len(self.learners)
-        futures = []
-        for rank, learner in enumerate(self.learners):
-            mine = [ch for ch in pending.chunks if ch.index % w == rank]
-            a = np.concatenate([adv_np[offsets[ch.index] : offsets[ch.index + 1]] for ch in mine])
-            futures.append(
-                learner.train_step.remote(
-                    [ch.samples for ch in mine], a, _seed(self.cfg.seed, pending.round, 10**6)
+            chunks.append(
+                Chunk(
+                    i,
+                    worker,
+                    prompts,
+                    rp.sample_ids[idx],
+                    rp.group_ids[idx],
+                    seed,
+                    receipt,
+                    imgs,
+                    samples,
                 )
             )
-        per_rank = ray.get(futures, timeout=self.timeout)
-        self.stats["trained"] += len(adv_np)
-        return {**_rank_mean(per_rank), **adv_metrics}, adv_np
+        return PendingRound(round_, rp, chunks, time.monotonic(), dealer_after)
+
+    def score(self, pending: PendingRound) -> list[Any | None]:
+        """Every chunk's rewards (images go rollout -> reward by ref); None for dropped chunks."""
+        scored = collect_round(self, pending)
+        ids = np.concatenate([s.sample_ids for s in scored if s is not None] or [np.zeros(0)])
+        expected = np.concatenate(
+            [ch.sample_ids for ch, s in zip(pending.chunks, scored, strict=True) if s is not None]
+            or [np.zeros(0)]
+        )
+        if len(ids) != len(set(ids.tolist())) or set(ids.tolist()) != set(expected.tolist()):
+            raise RuntimeError(f"round {pending.round}: scored samples do not match the rollout")
+        self.stats["scored"] += len(ids)
+        return scored
+
+    def learn(
+        self, pending: PendingRound, scored: list[Any | None]
+    ) -> tuple[dict[str, float], np.ndarray]:
+        """Advantages per prompt group over the valid samples, then one step on every rank.
+
+        Returns the metrics and the per-sample keep mask (in chunk order). When a rank would
+        get no valid sample, no rank steps (``faults/steps_skipped``).
+        """
+        keep, rewards, groups = _valid_samples(pending, scored)
+        adv_np = np.zeros(len(keep))
+        metrics: dict[str, float] = {}
+        if keep.any():
+            adv, metrics = compute_advantages(
+                torch.from_numpy(rewards[keep]), torch.from_numpy(groups[keep]), self.adv_cfg
+            )
+            adv_np[keep] = adv.numpy()
+        offsets = np.cumsum([0] + [len(ch.sample_ids) for ch in pending.chunks])
+        w = len(self.learners)
+        shards = [[ch for ch in pending.chunks if ch.index % w == r] for r in range(w)]
+        masks = [
+            np.concatenate([keep[offsets[ch.index] : offsets[ch.index + 1]] for ch in mine])
+            for mine in shards
+        ]
+        if not all(m.any() for m in masks):
+            self.faults["steps_skipped"] += 1
+            return {**metrics, "learner/skipped_step": 1.0, "learner/samples": 0.0}, keep
+        seed = _seed(self.cfg.seed, pending.round, 10**6)
+        futures = [
+            learner.train_step.remote(
+                [ch.samples for ch in mine],
+                np.concatenate([adv_np[offsets[ch.index] : offsets[ch.index + 1]] for ch in mine]),
+                mask,
+                int(keep.sum()),
+                seed,
+            )
+            for learner, mine, mask in zip(self.learners, shards, masks, strict=True)
+        ]
+        per_rank = self._learner_get(futures, "the learner step")
+        out = {**_rank_mean(per_rank), **metrics}
+        if out.get("learner/skipped_step", 0.0) > 0:
+            self.faults["steps_skipped"] += 1
+        else:
+            self.stats["trained"] += int(keep.sum())
+        return out, keep
+
+    def _learner_get(self, refs: Any, what: str) -> Any:
+        """``ray.get`` on learner calls; a dead rank fails the run with how to resume."""
+        try:
+            return ray.get(refs, timeout=self.timeout)
+        except RayActorError as exc:
+            ckpt = self.run_dir.latest_checkpoint()
+            where = (
+                f"the latest checkpoint is {ckpt.name}; continue with `elborl train --config "
+                "<same config> --resume`"
+                if ckpt
+                else "no checkpoint was written yet, so a rerun starts from round 1"
+            )
+            raise LearnerLost(f"a learner rank died during {what} ({exc}); {where}") from exc
+        except GetTimeoutError as exc:
+            raise RunStopped(f"{what} did not finish within {self.timeout:.0f} s") from exc
 
     # ------------------------------------------------------------------ loop
     def run(self) -> bool:
@@ -347,6 +537,23 @@ class Trainer:
         from services.loop import run_rounds
 
         return run_rounds(self)
+
+
+class LearnerLost(RuntimeError):
+    """A learner rank died: its state is gone, so the run fails; ``--resume`` continues it."""
+
+
+def _valid_samples(
+    pending: PendingRound, scored: list[Any | None]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per sample in chunk order: kept (scored and valid), total reward, group id."""
+    keep, rewards, groups = [], [], []
+    for ch, s in zip(pending.chunks, scored, strict=True):
+        n = len(ch.sample_ids)
+        keep.append(s.valid if s is not None else np.zeros(n, dtype=bool))
+        rewards.append(s.total if s is not None else np.zeros(n))
+        groups.append(ch.group_ids)
+    return np.concatenate(keep), np.concatenate(rewards), np.concatenate(groups)
 
 
 def _seed(base: int, round_: int, index: int) -> int:

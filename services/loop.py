@@ -24,6 +24,7 @@ import ray
 from tqdm.auto import tqdm
 
 from services.api.control import stop_requested
+from services.collect import RunStopped
 from services.viz import plot_curves, save_sample_grid
 
 if TYPE_CHECKING:
@@ -40,8 +41,18 @@ def _due(every: int, round_: int, last: int) -> bool:
 def run_rounds(tr: Trainer) -> bool:
     """Run rounds ``tr.round + 1 .. train.rounds``; evaluate and checkpoint on schedule.
 
-    Returns True when a stop request ended the run early (after checkpointing its last round).
+    Returns True when a stop request or a signal ended the run early (after checkpointing its
+    last round). A ``RunStopped`` fault checkpoints the last completed round, then propagates.
     """
+    try:
+        return _rounds(tr)
+    except RunStopped:
+        if tr.last_done is not None and tr.checkpointed < tr.last_done.round:
+            checkpoint(tr, tr.last_done)
+        raise
+
+
+def _rounds(tr: Trainer) -> bool:
     cfg, total = tr.cfg, tr.cfg.train.rounds
     bar = tqdm(total=total, initial=tr.round, desc="train", unit="round", dynamic_ncols=True)
     pace = _Pace(tr.run_dir.history())
@@ -51,21 +62,25 @@ def run_rounds(tr: Trainer) -> bool:
         r = pending.round
         # Checked before the round's update: a stopping run launches no further rollouts, so
         # the prompt dealer's state in the checkpoint is exactly that after round r.
-        stop = r < total and stop_requested(tr.run_dir.path)
+        stop = r < total and (tr.interrupted is not None or stop_requested(tr.run_dir.path))
         if stop:
-            log.info("stop requested: finishing round %d, then checkpointing", r)
+            why = f"{tr.interrupted} received" if tr.interrupted else "stop requested"
+            log.info("%s: finishing round %d, then checkpointing", why, r)
             update_status(tr.run_dir, state="stopping")
-        metrics, nxt, first = _one_round(tr, pending, r if stop else total)
+        metrics, nxt, grid = _one_round(tr, pending, r if stop else total)
         if _due(cfg.train.eval_every, r, total):
             metrics.update(evaluate(tr, r))
-        if _due(cfg.train.sample_grid_every, r, total):
-            _sample_grid(tr, pending, first, r)
+        if _due(cfg.train.sample_grid_every, r, total) and grid is not None:
+            _sample_grid(tr, grid, r)
         tr.round = r
         tr.run_dir.log_metrics(r, metrics)
         _log_round(r, total, metrics)
         pace.add(r, metrics)
-        if _due(cfg.train.checkpoint_every, r, total) or stop:
+        bad = _count_bad(tr, metrics)
+        if _due(cfg.train.checkpoint_every, r, total) or stop or bad:
             checkpoint(tr, pending)
+        if bad:
+            raise RunStopped(bad)
         _write_status(tr, pace, "stopping" if stop else "running" if r < total else "finished")
         bar.update(1)
         bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}")
@@ -75,28 +90,53 @@ def run_rounds(tr: Trainer) -> bool:
     return stop
 
 
+def _count_bad(tr: Trainer, m: dict[str, Any]) -> str | None:
+    """The consecutive-bad-rounds rule of ``faults``; a message once the limit is reached."""
+    f = tr.cfg.faults
+    invalid = m["rollout/invalid_fraction"]
+    if invalid > f.max_invalid_fraction or m.get("learner/skipped_step", 0.0) > 0:
+        tr.bad_rounds += 1
+    else:
+        tr.bad_rounds = 0
+    if tr.bad_rounds < f.max_bad_rounds:
+        return None
+    return (
+        f"{tr.bad_rounds} bad rounds in a row (the last: {invalid:.0%} of samples invalid or "
+        f"dropped, learner step skipped: {bool(m.get('learner/skipped_step', 0.0))}); "
+        f"faults.max_bad_rounds = {f.max_bad_rounds}. The weights were not updated by those "
+        "rounds. Check the reward (NaN/inf or out-of-range scores) or lower learner.lr, then "
+        "--resume"
+    )
+
+
 def _one_round(tr: Trainer, pending: PendingRound, total: int) -> tuple[dict[str, Any], Any, Any]:
     r, t0 = pending.round, time.monotonic()
-    scored, _ = tr.score(pending)
+    scored = tr.score(pending)
     t_scored = time.monotonic()
     nxt = tr.launch(r + 1) if tr.cfg.train.async_rollout and r < total else None
-    learn_metrics, _ = tr.learn(pending, scored)
+    learn_metrics, keep = tr.learn(pending, scored)
+    tr.last_done = pending
     t_learned = time.monotonic()
     weights = tr.publish()
     if nxt is None and r < total:
         nxt = tr.launch(r + 1)
     t_end = time.monotonic()
-    rollout_busy = max(s.rollout_seconds for s in scored)
-    reward_busy = max(s.seconds for s in scored)
+    tr.run_dir.log_ledger(r, _ledger(pending, scored, keep))
+    done = [s for s in scored if s is not None]
+    rollout_busy = max((s.rollout_seconds for s in done), default=0.0)
+    reward_busy = max((s.seconds for s in done), default=0.0)
     waited = t_scored - max(t0, pending.started)
+    images = float(sum(len(ch.sample_ids) for ch in pending.chunks))
     metrics = {
-        **_reward_metrics(scored),
+        **_reward_metrics(done),
         **learn_metrics,
         **weights,
-        "rollout/images": float(sum(len(s.sample_ids) for s in scored)),
-        "rollout/images_per_s": sum(len(s.sample_ids) for s in scored) / max(rollout_busy, 1e-9),
-        "rollout/version": float(scored[0].version),
-        "rollout/lag": float(tr.version - 1 - scored[0].version),
+        "rollout/images": images,
+        "rollout/images_per_s": images / max(rollout_busy, 1e-9),
+        "rollout/version": float(done[0].version) if done else float("nan"),
+        "rollout/lag": float(tr.version - 1 - done[0].version) if done else float("nan"),
+        "rollout/invalid": float(len(keep) - keep.sum()),
+        "rollout/invalid_fraction": float(1.0 - keep.mean()),
         "timing/rollout": rollout_busy,
         "timing/reward": reward_busy,
         "timing/wait_rollout_and_reward": waited,
@@ -108,17 +148,51 @@ def _one_round(tr: Trainer, pending: PendingRound, total: int) -> tuple[dict[str
         "timing/round": t_end - t0,
         "perf/samples_scored_total": float(tr.stats["scored"]),
         "perf/samples_trained_total": float(tr.stats["trained"]),
+        **{f"faults/{k}": float(v) for k, v in sorted(tr.faults.items())},
     }
-    return metrics, nxt, scored[0]
+    grid = next(((ch, s) for ch, s in zip(pending.chunks, scored, strict=True) if s), None)
+    return metrics, nxt, grid
+
+
+def _ledger(pending: PendingRound, scored: list[Any], keep: np.ndarray) -> dict[str, Any]:
+    """Per sample of the round: id, group, reward (None if dropped), status, trained or not."""
+    ids: list[int] = []
+    groups: list[int] = []
+    rewards: list[float | None] = []
+    status: list[str] = []
+    for ch, s in zip(pending.chunks, scored, strict=True):
+        ids += ch.sample_ids.tolist()
+        groups += ch.group_ids.tolist()
+        if s is None:
+            rewards += [None] * len(ch.sample_ids)
+            status += ["dropped"] * len(ch.sample_ids)
+        else:
+            rewards += [float(x) for x in s.total]
+            status += ["ok" if v else "invalid" for v in s.valid]
+    return {
+        "sample_ids": ids,
+        "group_ids": groups,
+        "reward": rewards,
+        "status": status,
+        "trained": keep.tolist(),
+    }
 
 
 def _reward_metrics(scored: list[Any]) -> dict[str, float]:
-    total = np.concatenate([s.total for s in scored])
-    out = {"reward/mean": float(total.mean()), "reward/std": float(total.std())}
+    """Reward means over the valid samples of the scored chunks (NaN when none)."""
+    if not scored:
+        return {"reward/mean": float("nan"), "reward/std": float("nan")}
+    valid = np.concatenate([s.valid for s in scored])
+    total = np.concatenate([s.total for s in scored])[valid]
+    out = {
+        "reward/mean": float(total.mean()) if total.size else float("nan"),
+        "reward/std": float(total.std()) if total.size else float("nan"),
+    }
     for name in scored[0].per_reward:
-        out[f"reward/{name}"] = float(np.concatenate([s.per_reward[name] for s in scored]).mean())
+        vals = np.concatenate([s.per_reward[name] for s in scored])[valid]
+        out[f"reward/{name}"] = float(vals.mean()) if vals.size else float("nan")
     if scored[0].passed is not None:
-        out["reward/accuracy"] = float(np.concatenate([s.passed for s in scored]).mean())
+        out["reward/accuracy"] = float(np.concatenate([s.passed for s in scored])[valid].mean())
     return out
 
 
@@ -126,10 +200,14 @@ def evaluate(tr: Trainer, round_: int) -> dict[str, float]:
     """Held-out accuracy of the *current* (trained) weights, on rollout worker 0."""
     start = time.monotonic()
     state_ref = tr.learners[0].current_state.remote()
-    summary, images, prompts, scores = ray.get(
-        tr.rollouts[0].evaluate.remote(state_ref, tr.eval_prompts, tr.cfg.eval, tr.cfg.seed + 1),
-        timeout=tr.timeout,
-    )
+    args = (state_ref, tr.eval_prompts, tr.cfg.eval, tr.cfg.seed + 1)
+    try:
+        result = ray.get(tr.rollouts[0].evaluate.remote(*args), timeout=tr.timeout)
+    except ray.exceptions.RayActorError:
+        log.warning("rollout worker 0 died during the evaluation; replacing it and retrying")
+        tr.replace_rollout(0)
+        result = ray.get(tr.rollouts[0].evaluate.remote(*args), timeout=tr.timeout)
+    summary, images, prompts, scores = result
     k = min(32, len(prompts))
     _save_grid(
         tr.run_dir.path / "samples" / f"eval_round_{round_:05d}.png",
@@ -146,16 +224,16 @@ def evaluate(tr: Trainer, round_: int) -> dict[str, float]:
     return out
 
 
-def _sample_grid(tr: Trainer, pending: PendingRound, first: Any, round_: int) -> None:
-    """The first 16 images of the round's first chunk, with prompts and rewards."""
-    chunk = ray.get(pending.chunks[0].images, timeout=tr.timeout)
-    totals = first.total
+def _sample_grid(tr: Trainer, grid: tuple[Any, Any], round_: int) -> None:
+    """The first 16 images of the round's first scored chunk, with prompts and rewards."""
+    ch, scored = grid
+    chunk = ray.get(ch.images, timeout=tr.timeout)
     k = min(16, len(chunk.prompts))
     _save_grid(
         tr.run_dir.path / "samples" / f"round_{round_:05d}.png",
         chunk.images[:k],
         chunk.prompts[:k],
-        list(totals[:k]),
+        list(scored.total[:k]),
     )
 
 
@@ -186,6 +264,7 @@ def checkpoint(tr: Trainer, pending: PendingRound) -> None:
             "stats": tr.stats,
         },
     )
+    tr.checkpointed = round_
     log.info("checkpoint %s (%.1f s)", final, time.monotonic() - start)
 
 

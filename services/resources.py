@@ -53,3 +53,20 @@ def _message(role: str, bundle: dict[str, float], nodes: list[dict[str, Any]], w
         f"Lower {role}'s resources (num_cpus / num_gpus / custom) or the number of {role} "
         "actors in the config, or add nodes."
     )
+
+
+def missing_for(role: str, res: Resources) -> str | None:
+    """Why no live node can ever hold one more ``role`` actor (None if one can).
+
+    Checked before replacing an actor lost with its node: Ray would otherwise queue the
+    replacement until a node with those resources appears, which may be never.
+    """
+    bundle = _bundle(res)
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    if any(_fits(bundle, n) for n in nodes):
+        return None
+    have = [{k: v for k, v in n.items() if k in ("CPU", "GPU") or k in bundle} for n in nodes]
+    return (
+        f"no live node can hold a replacement {role} actor needing {bundle}; the live nodes "
+        f"offer {have}. Add a node with those resources and resume, or lower {role}'s resources"
+    )

@@ -4,6 +4,8 @@ Layout of ``runs/<name>/``::
 
     config.yaml            the resolved config of the run (checked again on --resume)
     metrics.jsonl          one JSON object per round (and per evaluation)
+    ledger.jsonl           per round, every sample id with its reward and whether it was
+                           trained on, dropped or invalid (the exactly-once audit trail)
     tensorboard/           the same metrics for TensorBoard
     samples/round_XXXXX.png  sample grids with prompts and rewards
     checkpoints/round_XXXXX/ complete checkpoints (a ``COMPLETE`` marker is written last);
@@ -13,6 +15,7 @@ Layout of ``runs/<name>/``::
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -81,12 +84,22 @@ class RunDir:
             return []
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
+    def log_ledger(self, step: int, record: dict[str, Any]) -> None:
+        """Append one round's per-sample ledger line (ids, rewards, status, trained)."""
+        with open(self.path / "ledger.jsonl", "a") as f:
+            f.write(json.dumps({"round": step, **record}) + "\n")
+
     def truncate_history(self, last_round: int) -> None:
         """Drop records after ``last_round`` (rounds redone after a resume count once)."""
-        kept = [r for r in self.history() if r["round"] <= last_round]
-        tmp = self.path / "metrics.jsonl.tmp"
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        tmp.replace(self.path / "metrics.jsonl")
+        for name in ("metrics.jsonl", "ledger.jsonl"):
+            path = self.path / name
+            if not path.exists():
+                continue
+            lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+            kept = [ln for ln in lines if _round_of(ln) <= last_round]
+            tmp = path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(ln + "\n" for ln in kept))
+            tmp.replace(path)
 
     def write_status(self, status: dict[str, Any]) -> None:
         """Atomically replace ``status.json`` (read by the status service)."""
@@ -107,10 +120,19 @@ class RunDir:
         return tmp
 
     def commit_checkpoint(self, tmp: Path, round_: int, driver_state: dict[str, Any]) -> Path:
-        """Write the driver state and the COMPLETE marker, then rename into place atomically."""
+        """Write the driver state and the COMPLETE marker, then rename into place atomically.
+
+        The marker holds a manifest (size and SHA-256 of every file) that ``verify_checkpoint``
+        checks before a resume starts any actor.
+        """
         (tmp / "driver.json").write_text(json.dumps(driver_state, indent=1))
+        _fsync_dir(tmp)
+        if os.environ.get("ELBORL_FAULT_CRASH_IN_CHECKPOINT") == str(round_):
+            log.error("fault injection: crashing while checkpoint %d is half written", round_)
+            os._exit(137)  # a crash at the worst moment: files written, not yet committed
+        manifest = {"round": round_, "files": _manifest(tmp)}
         marker = tmp / COMPLETE
-        marker.write_text(str(round_))
+        marker.write_text(json.dumps(manifest, indent=1))
         _fsync_dir(tmp)
         final = self.ckpt_root / f"round_{round_:05d}"
         if final.exists():
@@ -122,6 +144,46 @@ class RunDir:
         """The newest checkpoint whose COMPLETE marker exists, or None."""
         done = sorted(p for p in self.ckpt_root.glob("round_*") if (p / COMPLETE).exists())
         return done[-1] if done else None
+
+
+def verify_checkpoint(ckpt: Path) -> None:
+    """Raise ``ConfigError`` naming the file if any file of ``ckpt`` differs from its manifest."""
+    try:
+        manifest = json.loads((ckpt / COMPLETE).read_text())
+        files: dict[str, list[Any]] = manifest["files"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"checkpoint {ckpt}: unreadable {COMPLETE} manifest ({exc})") from exc
+    for rel, (size, digest) in files.items():
+        path = ckpt / rel
+        if not path.is_file():
+            raise ConfigError(f"checkpoint file {path} is missing; {_DELETE_HINT}")
+        if path.stat().st_size != size or _sha256(path) != digest:
+            raise ConfigError(f"checkpoint file {path} is corrupted (checksum); {_DELETE_HINT}")
+
+
+_DELETE_HINT = (
+    "delete that checkpoint directory to resume from the previous one, or start a new run"
+)
+
+
+def _manifest(root: Path) -> dict[str, list[Any]]:
+    return {
+        str(p.relative_to(root)): [p.stat().st_size, _sha256(p)]
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _round_of(line: str) -> int:
+    return int(json.loads(line)["round"])
 
 
 def read_driver_state(ckpt: Path) -> dict[str, Any]:
@@ -151,7 +213,7 @@ def _load_yaml(path: Path) -> dict[str, Any]:
 
 
 def _fsync_dir(path: Path) -> None:
-    for f in path.iterdir():
+    for f in path.rglob("*"):
         if f.is_file():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
