@@ -203,7 +203,7 @@ class LearnerEngine:
         bad = 0
         for lo in range(0, n, self.cfg.microbatch_size):
             rows = np.arange(lo, min(lo + self.cfg.microbatch_size, n))
-            m, b = self._microbatch(batch, rows[keep[rows]], norm_samples)
+            m, b = self._microbatch(batch, rows[keep[rows]], norm_samples, stand_in=lo)
             metrics += m
             bad += b
         skipped = self._vote_skip(bad)
@@ -248,25 +248,60 @@ class LearnerEngine:
             for g, lr in zip(groups, saved, strict=True):
                 g["lr"] = lr
 
-    def _zero_loss(self) -> Tensor:
-        """A loss of exactly 0 that touches every trainable parameter (keeps ranks in step)."""
-        return sum(
-            (p.sum() * 0.0 for p in self.policy.parameters() if p.requires_grad),
-            torch.zeros(()),
+    def _zero_loss(self, batch: TrainBatch, row: int) -> Tensor:
+        """0 x a real one-sample loss: zero gradients, produced by the same graph as a real
+        microbatch. ZeRO-2 reduces gradients in the order autograd produces them, so every
+        rank's backward must run the same graph even where it has nothing to train on."""
+        rows = torch.tensor([row])
+        cond = self.policy.encode_prompts([batch.prompts[row]])
+        adv = torch.zeros(1)
+        if self.cfg.estimator == "trajectory":
+            assert batch.trajectory is not None and batch.log_probs is not None
+            loss, _ = flow_grpo_microbatch_loss(
+                self.engine,
+                self.ref,
+                batch.trajectory[rows],
+                self.sigmas,
+                batch.log_probs[rows],
+                torch.zeros(1, dtype=torch.long),
+                cond,
+                adv,
+                GlobalNormalizer(num_samples=1, num_timesteps=1),
+                eta=self.sampling.eta,
+                clip_eps=self.cfg.clip_eps,
+                adv_clip_max=self.cfg.adv_clip,
+                beta=self.cfg.kl_beta,
+            )
+            return loss * 0.0
+        x0 = batch.x0[rows]
+        t, noise = self._draws(self._noise_ids(batch)[[row]], batch.seed, tuple(x0.shape[1:]))
+        draw = make_noise_draw(x0, t[:, 0], self.loss_cfg, noise=noise[:, 0])
+        loss, _ = microbatch_loss(
+            self.engine,
+            self._old_for(int(batch.versions[row])),
+            self.ref,
+            x0,
+            cond,
+            adv,
+            draw,
+            self.loss_cfg,
+            GlobalNormalizer(num_samples=1, num_timesteps=1),
         )
+        return loss * 0.0
 
-    def _backward(self, loss: Tensor | None) -> int:
-        """Backpropagate ``loss``, or a zero loss when it is None or non-finite; 1 if non-finite."""
+    def _backward(self, loss: Tensor | None, batch: TrainBatch, stand_in: int) -> int:
+        """Backpropagate ``loss``, or a zero loss (on row ``stand_in``) when it is None or
+        non-finite; returns 1 if it was non-finite."""
         bad = loss is not None and not bool(torch.isfinite(loss))
         if bad:
             log.warning("non-finite loss %s: this step will be skipped", float(loss))  # type: ignore[arg-type]
-        self.engine.backward(
-            loss if loss is not None and not bad else self._zero_loss(), scale_wrt_gas=False
-        )
+        if loss is None or bad:
+            loss = self._zero_loss(batch, stand_in)
+        self.engine.backward(loss, scale_wrt_gas=False)
         return int(bad)
 
     def _microbatch(
-        self, batch: TrainBatch, rows_np: np.ndarray, norm_samples: float
+        self, batch: TrainBatch, rows_np: np.ndarray, norm_samples: float, stand_in: int
     ) -> tuple[list[dict[str, float]], int]:
         k = self.cfg.num_timesteps if self.cfg.estimator == "elbo" else None
         if self.cfg.estimator == "trajectory":
@@ -274,12 +309,12 @@ class LearnerEngine:
             k = batch.log_probs.shape[1] if batch.log_probs is not None else 1
         assert k is not None
         if not len(rows_np):
-            return [], sum(self._backward(None) for _ in range(k))
+            return [], sum(self._backward(None, batch, stand_in) for _ in range(k))
         rows = torch.from_numpy(rows_np)
         cond = self.policy.encode_prompts([batch.prompts[i] for i in rows_np])
         adv = batch.advantages[rows].float()
         if self.cfg.estimator == "trajectory":
-            return self._trajectory_microbatch(batch, rows, cond, adv, norm_samples)
+            return self._trajectory_microbatch(batch, rows, cond, adv, norm_samples, stand_in)
         x0, versions = batch.x0[rows], batch.versions[rows_np]
         t, noise = self._draws(self._noise_ids(batch)[rows_np], batch.seed, tuple(x0.shape[1:]))
         norm = GlobalNormalizer(num_samples=norm_samples, num_timesteps=k)
@@ -303,7 +338,7 @@ class LearnerEngine:
                 _inject_nan(self, loss)
                 total = loss if total is None else total + loss
                 out.append(m)
-            bad += self._backward(total)
+            bad += self._backward(total, batch, stand_in)
         return out, bad
 
     @torch.no_grad()
@@ -360,7 +395,13 @@ class LearnerEngine:
         return torch.stack(ts), torch.stack(eps)
 
     def _trajectory_microbatch(
-        self, batch: TrainBatch, rows: Tensor, cond: Any, adv: Tensor, norm_samples: float
+        self,
+        batch: TrainBatch,
+        rows: Tensor,
+        cond: Any,
+        adv: Tensor,
+        norm_samples: float,
+        stand_in: int,
     ) -> tuple[list[dict[str, float]], int]:
         if batch.trajectory is None or batch.log_probs is None:
             raise ValueError("the trajectory estimator needs SDE rollouts with log-probs")
@@ -393,7 +434,7 @@ class LearnerEngine:
                 beta=self.cfg.kl_beta,
             )
             _inject_nan(self, loss)
-            bad += self._backward(loss)
+            bad += self._backward(loss, batch, stand_in)
             out.append(m)
         return out, bad
 

@@ -17,14 +17,20 @@ from services.config import RewardSpec
 
 
 class RolloutImagesLike(Protocol):
-    """The fields of ``rollout.worker.RolloutImages`` the scorer reads."""
+    """The fields of ``rollout.worker.RolloutImages`` the scorer reads (read-only)."""
 
-    sample_ids: np.ndarray
-    group_ids: np.ndarray
-    prompts: list[str]
-    images: np.ndarray
-    version: int
-    seconds: float
+    @property
+    def sample_ids(self) -> np.ndarray: ...
+    @property
+    def group_ids(self) -> np.ndarray: ...
+    @property
+    def prompts(self) -> list[str]: ...
+    @property
+    def images(self) -> np.ndarray: ...
+    @property
+    def version(self) -> int: ...
+    @property
+    def seconds(self) -> float: ...
 
 
 @dataclass(frozen=True)

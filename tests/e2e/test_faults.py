@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import REPO
+from tests.e2e.conftest import STRAIGHT_TRAIN
 from tests.e2e.helpers import metrics, run_train, tiny_config
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -58,7 +59,7 @@ def kill_when_busy(
                 os.kill(pids[0], signal.SIGKILL)
                 return pids[0]
         time.sleep(0.02)
-    out, err = proc.communicate(timeout=60)
+    _, err = proc.communicate(timeout=60)
     raise AssertionError(f"never saw {title!r} running; rc={proc.returncode}\n{err[-3000:]}")
 
 
@@ -147,11 +148,10 @@ def test_a_rollout_worker_killed_mid_round_is_replaced_and_its_prompts_regenerat
     check_exactly_once(run, rounds=3, per_round=32, k=4)
 
 
-def test_a_dead_learner_fails_the_run_resumably_and_resume_matches(tmp_path: Path) -> None:
-    train = {"rounds": 4, "checkpoint_every": 2, "eval_every": 0, "sample_grid_every": 0}
-    straight = tiny_config(tmp_path, name="straight", train=train)
-    assert run_train(["--config", str(straight)]).returncode == 0
-    cfg = tiny_config(tmp_path, name="lk", train=train)
+def test_a_dead_learner_fails_the_run_resumably_and_resume_matches(
+    tmp_path: Path, straight_run: Path
+) -> None:
+    cfg = tiny_config(tmp_path, name="lk", train=STRAIGHT_TRAIN)
     run = tmp_path / "runs" / "lk"
     proc = start_train(["--config", str(cfg)])
     past_checkpoint = lambda: (run / "checkpoints" / "round_00002").exists()  # noqa: E731
@@ -163,7 +163,7 @@ def test_a_dead_learner_fails_the_run_resumably_and_resume_matches(tmp_path: Pat
     assert status["state"] == "failed" and "learner" in status["error"]
     again = run_train(["--config", str(cfg), "--resume"])
     assert again.returncode == 0, again.stderr[-4000:]
-    a, b = metrics(tmp_path / "runs" / "straight"), metrics(run)
+    a, b = metrics(straight_run), metrics(run)
     assert [r["round"] for r in b] == [1, 2, 3, 4]
     for ra, rb in zip(a, b, strict=True):
         for key in ("reward/mean", "learner/loss", "weights/checksum"):
@@ -238,26 +238,22 @@ def test_a_run_of_only_bad_rewards_stops_with_an_error_and_untouched_weights(
 
 
 def test_a_nan_loss_skips_the_step_without_touching_the_weights(tmp_path: Path) -> None:
-    cfg = tiny_config(
-        tmp_path, name="nan", train={"rounds": 3, "eval_every": 0, "sample_grid_every": 0}
-    )
-    out = run_train(["--config", str(cfg)], env={"ELBORL_FAULT_NAN_LOSS": "2"})
-    assert out.returncode == 0, out.stderr[-4000:]
-    m = metrics(tmp_path / "runs" / "nan")
-    assert [r["learner/skipped_step"] for r in m] == [0, 1, 0]
-    assert [r["weights/version"] for r in m] == [1, 1, 2]
-    assert m[1]["weights/checksum"] == m[0]["weights/checksum"]  # step 2 changed nothing
-    assert m[-1]["faults/steps_skipped"] == 1
-
+    # NaN losses at learner steps 2, 4 and 5: step 2 is skipped and the run goes on; steps 4
+    # and 5 are two bad rounds in a row, which (max_bad_rounds = 2) stops the run.
     cfg = tiny_config(
         tmp_path,
-        name="nanall",
+        name="nan",
         faults={"max_bad_rounds": 2},
-        train={"rounds": 5, "eval_every": 0, "sample_grid_every": 0},
+        train={"rounds": 8, "eval_every": 0, "sample_grid_every": 0},
     )
-    out = run_train(["--config", str(cfg)], env={"ELBORL_FAULT_NAN_LOSS": "all"})
+    out = run_train(["--config", str(cfg)], env={"ELBORL_FAULT_NAN_LOSS": "2,4,5"})
     assert out.returncode == 1 and "learner step skipped: True" in out.stderr, out.stderr[-3000:]
-    assert len(metrics(tmp_path / "runs" / "nanall")) == 2
+    m = metrics(tmp_path / "runs" / "nan")
+    assert [r["learner/skipped_step"] for r in m] == [0, 1, 0, 1, 1]
+    assert [r["weights/version"] for r in m] == [1, 1, 2, 2, 2]
+    assert m[1]["weights/checksum"] == m[0]["weights/checksum"]  # step 2 changed nothing
+    assert m[4]["weights/checksum"] == m[2]["weights/checksum"]  # nor did steps 4 and 5
+    assert m[-1]["faults/steps_skipped"] == 3
 
 
 # ---------------------------------------------------------------------- crashes, signals
@@ -267,18 +263,18 @@ def test_a_crash_while_writing_a_checkpoint_resumes_from_the_previous_one(
     cfg = tiny_config(
         tmp_path,
         name="crash",
-        train={"rounds": 4, "checkpoint_every": 2, "eval_every": 0, "sample_grid_every": 0},
+        train={"rounds": 3, "checkpoint_every": 1, "eval_every": 0, "sample_grid_every": 0},
     )
-    out = run_train(["--config", str(cfg)], env={"ELBORL_FAULT_CRASH_IN_CHECKPOINT": "4"})
+    out = run_train(["--config", str(cfg)], env={"ELBORL_FAULT_CRASH_IN_CHECKPOINT": "2"})
     assert out.returncode == 137, out.stderr[-3000:]
     ckpts = tmp_path / "runs" / "crash" / "checkpoints"
-    assert (ckpts / ".tmp-round_00004" / "driver.json").exists()  # written, never committed
-    assert not (ckpts / "round_00004").exists()
+    assert (ckpts / ".tmp-round_00002" / "driver.json").exists()  # written, never committed
+    assert not (ckpts / "round_00002").exists()
     again = run_train(["--config", str(cfg), "--resume"])
     assert again.returncode == 0, again.stderr[-4000:]
-    assert "round_00002 (round 2)" in again.stderr
-    assert [r["round"] for r in metrics(tmp_path / "runs" / "crash")] == [1, 2, 3, 4]
-    assert (ckpts / "round_00004").exists()
+    assert "round_00001 (round 1)" in again.stderr
+    assert [r["round"] for r in metrics(tmp_path / "runs" / "crash")] == [1, 2, 3]
+    assert (ckpts / "round_00003").exists()
 
 
 def test_sigterm_checkpoints_the_round_in_flight_and_exits_resumably(tmp_path: Path) -> None:
@@ -303,3 +299,96 @@ def test_sigterm_checkpoints_the_round_in_flight_and_exits_resumably(tmp_path: P
     again = run_train(["--config", str(cfg), "--set", f"train.rounds={last + 1}", "--resume"])
     assert again.returncode == 0, again.stderr[-3000:]
     assert metrics(run)[-1]["round"] == last + 1
+
+
+# ---------------------------------------------------------------------- dead nodes
+@pytest.fixture
+def three_nodes() -> Any:
+    """A head (learner, rewards) and two worker nodes that may hold the rollout worker.
+
+    Node death is detected within ~2 s (faster health checks than Ray's defaults).
+    """
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 1,
+            "resources": {"head": 4},
+            "object_store_memory": 120 * 2**20,
+            "_system_config": {
+                "health_check_initial_delay_ms": 0,
+                "health_check_period_ms": 500,
+                "health_check_failure_threshold": 3,
+            },
+        },
+    )
+    yield cluster
+    cluster.shutdown()
+
+
+def _rollout_node(run: Path, proc: subprocess.Popen[str]) -> str:
+    """The node id of the run's rollout worker, once the run is going."""
+    end = time.monotonic() + 240
+    while time.monotonic() < end:
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        try:
+            status = json.loads((run / "status.json").read_text())
+            if status.get("round", 0) >= 1:
+                return str(status["nodes"]["rollout"][0])
+        except (OSError, ValueError, KeyError, IndexError):
+            pass
+        time.sleep(0.2)
+    raise AssertionError("the run never finished round 1")
+
+
+def _node_death_run(tmp_path: Path, cluster: Any, name: str) -> tuple[Path, int, str]:
+    cfg = tiny_config(
+        tmp_path,
+        name=name,
+        rollout={
+            "resources": {"num_cpus": 0.25, "custom": {"roll": 1}},
+            "sampling": {"num_steps": 24},
+        },
+        rewards={"resources": {"num_cpus": 0.25, "custom": {"head": 1}}},
+        learner={"resources": {"num_cpus": 0.5, "custom": {"head": 1}}},
+        train={"rounds": 4, "eval_every": 0, "sample_grid_every": 0, "checkpoint_every": 0},
+    )
+    run = tmp_path / "runs" / name
+    proc = start_train(["--config", str(cfg), "--address", cluster.address])
+    node_id = _rollout_node(run, proc)
+    victim = next(n for n in cluster.worker_nodes if n.node_id == node_id)
+    end = time.monotonic() + 60
+    while not pids_titled("ray::RolloutWorker.generate") and time.monotonic() < end:
+        time.sleep(0.02)  # remove the node while it is generating
+    cluster.remove_node(victim, allow_graceful=False)
+    rc, err = finish(proc)
+    return run, rc, err
+
+
+def test_a_dead_node_s_rollout_worker_is_replaced_on_another_node(
+    tmp_path: Path, three_nodes: Any
+) -> None:
+    for _ in range(2):
+        three_nodes.add_node(num_cpus=1, resources={"roll": 1}, object_store_memory=80 * 2**20)
+    three_nodes.wait_for_nodes()
+    run, rc, err = _node_death_run(tmp_path, three_nodes, "node")
+    assert rc == 0, err[-4000:]
+    last = metrics(run)[-1]
+    assert last["faults/rollout_restarts"] == 1
+    nodes = json.loads((run / "status.json").read_text())["nodes"]["rollout"]
+    assert len(set(nodes)) == 2  # the first worker's node, then the replacement's
+    check_exactly_once(run, rounds=4, per_round=16, k=4)
+
+
+def test_a_dead_node_whose_resources_are_gone_stops_cleanly_with_a_checkpoint(
+    tmp_path: Path, three_nodes: Any
+) -> None:
+    three_nodes.add_node(num_cpus=1, resources={"roll": 1}, object_store_memory=80 * 2**20)
+    three_nodes.wait_for_nodes()
+    run, rc, err = _node_death_run(tmp_path, three_nodes, "gone")
+    assert rc == 1, err[-4000:]
+    assert "no live node can hold a replacement rollout actor" in err and "'roll': 1" in err
+    done = metrics(run)[-1]["round"]
+    assert (run / "checkpoints" / f"round_{done:05d}" / "COMPLETE").exists()
+    assert json.loads((run / "status.json").read_text())["state"] == "failed"

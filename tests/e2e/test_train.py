@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.e2e.conftest import STRAIGHT_TRAIN
 from tests.e2e.helpers import metrics, run_train, tiny_config
 
 pytestmark = pytest.mark.e2e
@@ -64,21 +65,17 @@ def test_unsatisfiable_resources_fail_fast(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_stop_and_resume_reproduces_the_uninterrupted_run(tmp_path: Path) -> None:
-    straight = tiny_config(
-        tmp_path, name="straight", train={"rounds": 4, "checkpoint_every": 2, "eval_every": 0}
-    )
-    assert run_train(["--config", str(straight)]).returncode == 0
-    part = tiny_config(
-        tmp_path, name="part", train={"rounds": 3, "checkpoint_every": 2, "eval_every": 0}
-    )
+def test_stop_and_resume_reproduces_the_uninterrupted_run(
+    tmp_path: Path, straight_run: Path
+) -> None:
+    part = tiny_config(tmp_path, name="part", train={**STRAIGHT_TRAIN, "rounds": 3})
     assert run_train(["--config", str(part)]).returncode == 0
     # As if killed during round 3: only the mid-run checkpoint of round 2 survives, written
     # while round 3's prompts were already dealt and its rollouts running.
     shutil.rmtree(tmp_path / "runs" / "part" / "checkpoints" / "round_00003")
     again = run_train(["--config", str(part), "--set", "train.rounds=4", "--resume"])
     assert again.returncode == 0, again.stderr[-4000:]
-    a, b = metrics(tmp_path / "runs" / "straight"), metrics(tmp_path / "runs" / "part")
+    a, b = metrics(straight_run), metrics(tmp_path / "runs" / "part")
     assert [r["round"] for r in b] == [1, 2, 3, 4]
     for ra, rb in zip(a, b, strict=True):
         for key in ("reward/mean", "learner/loss", "weights/checksum", "rollout/version"):

@@ -36,7 +36,7 @@ def _data() -> tuple[list[RolloutSamples], np.ndarray]:
     return [RolloutSamples(ids[s], ids[s] // 4, prompts[s], x0[s], 0, 0.0) for s in halves], adv
 
 
-def _update(world: int, zero_stage: int) -> dict[str, np.ndarray]:
+def _update(world: int, zero_stage: int, keep: np.ndarray) -> dict[str, np.ndarray]:
     cfg = LearnerConfig(
         num_workers=world,
         microbatch_size=4,
@@ -66,9 +66,13 @@ def _update(world: int, zero_stage: int) -> dict[str, np.ndarray]:
     chunks, adv = _data()
     refs = [ray.put(c) for c in chunks]
     per_rank = [refs] if world == 1 else [[refs[0]], [refs[1]]]
-    advs = [adv] if world == 1 else [adv[: N // 2], adv[N // 2 :]]
+    halves = [slice(0, N)] if world == 1 else [slice(0, N // 2), slice(N // 2, N)]
+    kept = int(keep.sum())
     metrics = ray.get(
-        [lw.train_step.remote(per_rank[r], advs[r], 7) for r, lw in enumerate(learners)],
+        [
+            lw.train_step.remote(per_rank[r], adv[halves[r]], keep[halves[r]], kept, 7)
+            for r, lw in enumerate(learners)
+        ],
         timeout=180,
     )
     assert all(np.isfinite(m["learner/loss"]) for m in metrics)
@@ -78,12 +82,24 @@ def _update(world: int, zero_stage: int) -> dict[str, np.ndarray]:
     return state
 
 
-@pytest.mark.parametrize("zero_stage", [0, 2])
-def test_one_and_two_ranks_give_the_same_update(ray_local: None, zero_stage: int) -> None:
+# Uneven: rank 0 keeps 3 of its 8 samples (its second microbatch keeps none), rank 1 all 8,
+# as when some rewards came back invalid; the step must still equal the one-rank step.
+ALL = np.ones(N, dtype=bool)
+UNEVEN = np.array([1, 0, 1, 1, 0, 0, 0, 0] + [1] * 8, dtype=bool)
+
+
+@pytest.mark.parametrize(
+    ("zero_stage", "keep"),
+    [(0, ALL), (2, ALL), (0, UNEVEN), (2, UNEVEN)],
+    ids=["zero0", "zero2", "zero0-uneven", "zero2-uneven"],
+)
+def test_one_and_two_ranks_give_the_same_update(
+    ray_local: None, zero_stage: int, keep: np.ndarray
+) -> None:
     from policy.io import load_policy
 
     base = {k: v.numpy() for k, v in load_policy(BASE_CHECKPOINT).state_dict().items()}
-    one, two = _update(1, zero_stage), _update(2, zero_stage)
+    one, two = _update(1, zero_stage, keep), _update(2, zero_stage, keep)
     moved = max(float(np.abs(one[k] - base[k]).max()) for k in base)
     assert moved > 1e-5  # the step really changed the weights
     for k in base:
