@@ -127,6 +127,7 @@ def run_cell(cfg: dict[str, Any], tmp: Path) -> dict[str, Any]:
 
 def base_accuracy(quick: bool, seed: int) -> dict[str, float]:
     cmd = [sys.executable, "-m", "services.cli", "eval", "--json", "--seed", str(seed + 1)]
+    cmd += ["--num-images", "1", "--set", "eval.sampling.sampler=euler"]
     cmd += ["--max-prompts", "8", "--set", "eval.sampling.num_steps=4"] if quick else []
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=True)
     summary = json.loads(proc.stdout)

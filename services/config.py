@@ -297,6 +297,11 @@ class TrainConfig(_Section):
         10, ge=0, description="Rounds between checkpoints; 0 = at end only."
     )
     sample_grid_every: int = Field(5, ge=0, description="Rounds between logged sample grids.")
+    eval_at_start: bool = Field(
+        False,
+        description="Also evaluate the initial weights before round 1 of a fresh run, logged as "
+        "round 0, so the held-out curves start at the base model.",
+    )
     async_rollout: bool = Field(
         False, description="Overlap round r+1's rollouts with round r's update."
     )

@@ -122,7 +122,7 @@ def train(cfg: RunConfig, address: str | None, resume: bool, config_path: str | 
 
 def _finish(trainer: Trainer, stopped: bool, hint: str) -> int:
     run = trainer.run_dir
-    if trainer.interrupted:
+    if trainer.interrupted and stopped:  # (a signal during the last round lets it finish)
         message = f"interrupted by {trainer.interrupted} after round {trainer.round}"
         update_status(run, state="stopped", error=message, eta_s=None)
         print(f"elborl train: {message}; checkpointed. Resume with: {hint}", file=sys.stderr)

@@ -55,6 +55,10 @@ def run_rounds(tr: Trainer) -> bool:
 def _rounds(tr: Trainer) -> bool:
     cfg, total = tr.cfg, tr.cfg.train.rounds
     bar = tqdm(total=total, initial=tr.round, desc="train", unit="round", dynamic_ncols=True)
+    if tr.round == 0 and cfg.train.eval_at_start:
+        start = evaluate(tr, 0)
+        tr.run_dir.log_metrics(0, start)
+        log.info("round 0 (initial weights): held-out acc %.3f", start["eval/accuracy"])
     pace = _Pace(tr.run_dir.history())
     pending = tr.launch(tr.round + 1) if tr.round < total else None
     stop = False

@@ -81,9 +81,18 @@ def plot_curves(history: Sequence[dict[str, object]], path: str | Path) -> Path 
         return None
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
     x = [r["round"] for r in rounds]
-    ax[0].plot(x, [r["reward/mean"] for r in rounds], label="reward (mean)")
+    reward = np.array([r["reward/mean"] for r in rounds], dtype=float)
+    ax[0].plot(x, reward, label="reward (mean)", alpha=0.45)
+    if len(reward) >= 6:  # a round's prompts vary in difficulty: show the trend too
+        w = max(3, len(reward) // 8)
+        ax[0].plot(
+            x[w - 1 :],
+            np.convolve(reward, np.ones(w) / w, "valid"),
+            lw=2.2,
+            label=f"reward, {w}-round mean",
+        )
     if "reward/accuracy" in rounds[0]:
-        ax[0].plot(x, [r["reward/accuracy"] for r in rounds], label="rollout accuracy", alpha=0.7)
+        ax[0].plot(x, [r["reward/accuracy"] for r in rounds], label="rollout accuracy", alpha=0.45)
     ax[0].set_xlabel("round")
     ax[0].legend()
     ax[0].set_title("training rollouts")

@@ -73,7 +73,8 @@ def run_train(
     )
 
 
-def metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """Round records of a run (one per round)."""
+def metrics(run_dir: Path, include_start: bool = False) -> list[dict[str, Any]]:
+    """Round records of a run (one per round), and the round-0 evaluation if asked for."""
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines if line.strip()]
+    recs = [json.loads(line) for line in lines if line.strip()]
+    return [r for r in recs if include_start or r["round"] >= 1]

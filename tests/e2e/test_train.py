@@ -14,12 +14,16 @@ pytestmark = pytest.mark.e2e
 
 
 def test_short_run_trains_every_sample_once_and_loads_every_version(tmp_path: Path) -> None:
-    cfg = tiny_config(tmp_path)
+    cfg = tiny_config(tmp_path, train={"eval_at_start": True})
     out = run_train(["--config", str(cfg)])
     assert out.returncode == 0, out.stderr[-4000:]
     run = tmp_path / "runs" / "t"
     rounds = metrics(run)
     assert [r["round"] for r in rounds] == [1, 2, 3]
+    # Round 0: the initial (base) weights' evaluation, where the held-out curves start.
+    first = metrics(run, include_start=True)[0]
+    assert first["round"] == 0 and 0 <= first["eval/accuracy"] <= 1
+    assert "reward/mean" not in first
     per_round = 16
     for i, r in enumerate(rounds, start=1):
         # Exactly-once accounting: every generated sample scored and trained once.
@@ -38,6 +42,7 @@ def test_short_run_trains_every_sample_once_and_loads_every_version(tmp_path: Pa
         "curves.png",
         "samples/round_00003.png",
         "samples/eval_round_00003.png",
+        "samples/eval_round_00000.png",
         "config.yaml",
         "status.json",
         "checkpoints/round_00003/COMPLETE",
