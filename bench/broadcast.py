@@ -45,7 +45,7 @@ class Sink:
         return sum(v.nbytes for v in state.values())
 
 
-def tiny_payloads() -> dict[str, dict[str, np.ndarray]]:
+def tiny_payloads(with_lora: bool = True) -> dict[str, dict[str, np.ndarray]]:
     from policy.io import load_policy
     from policy.lora import add_lora, trainable_keys
     from policy.state import to_numpy_state
@@ -53,11 +53,12 @@ def tiny_payloads() -> dict[str, dict[str, np.ndarray]]:
 
     base = _base_checkpoint()
     full = load_policy(base)
-    lora = add_lora(load_policy(base), LoraConfig(rank=8))
-    return {
-        "tiny LoRA r=8": to_numpy_state(lora, trainable_keys(lora)),
-        "tiny full": to_numpy_state(full, trainable_keys(full)),
-    }
+    out = {}
+    if with_lora:
+        lora = add_lora(load_policy(base), LoraConfig(rank=8))
+        out["tiny LoRA r=8"] = to_numpy_state(lora, trainable_keys(lora))
+    out["tiny full"] = to_numpy_state(full, trainable_keys(full))
+    return out
 
 
 def _base_checkpoint() -> str:
@@ -107,7 +108,7 @@ def _broadcast(state: dict[str, np.ndarray], actors: int, repeat: int) -> float:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args("broadcast", __doc__, argv)
-    payloads: dict[str, Any] = tiny_payloads()
+    payloads: dict[str, Any] = tiny_payloads(with_lora=not args.quick)
     counts: tuple[int, ...] = (1, 2)
     repeat = 2
     if not args.quick:

@@ -48,7 +48,7 @@ def label(est: str, sampler: str, loss: str) -> str:
 def cell_config(
     est: str, sampler: str, loss: str, seed: int, runs_dir: str, quick: bool
 ) -> dict[str, Any]:
-    prompts, images, rounds = (2, 4, 2) if quick else (8, 8, 12)
+    prompts, images, rounds = (2, 4, 1) if quick else (8, 8, 12)
     return {
         "name": f"{est}-{sampler}-{loss}-s{seed}",
         "seed": seed,
@@ -213,7 +213,7 @@ def plot(results: dict[str, list[dict[str, Any]]], base: dict[str, float], path:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m bench.grid", description=__doc__)
-    p.add_argument("--quick", action="store_true", help="two cells, tiny sizes: a smoke test")
+    p.add_argument("--quick", action="store_true", help="two cells, one round: a smoke test")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--seeds", type=int, default=3, help="seeds of the headline pair")
     p.add_argument("--target-gain", type=float, default=0.02, help="accuracy over the base")

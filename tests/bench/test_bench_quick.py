@@ -55,7 +55,7 @@ def test_quick_grid_runs_the_headline_pair_and_writes_table_and_plot(tmp_path: P
     record = json.loads((tmp_path / "grid.json").read_text())
     assert [r["cell"] for r in record["rows"]] == ["Trajectory + SDE, GRPO", "ELBO + ODE, PEPG"]
     for runs in record["runs"].values():
-        assert runs[0]["rounds"] == [1, 2] and runs[0]["evals"][-1]["round"] == 2
+        assert runs[0]["rounds"] == [1] and runs[0]["evals"][-1]["round"] == 1
     assert record["headline"]["s_per_round_trajectory_over_elbo_ode"] > 0
     assert (tmp_path / "grid_curves.png").stat().st_size > 10_000
     assert "| headline | value |" in (tmp_path / "grid.md").read_text()
