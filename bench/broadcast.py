@@ -27,7 +27,7 @@ import numpy as np
 import ray
 import torch
 
-from bench.common import median, parse_args, write
+from bench.common import BASE, median, parse_args, write
 
 
 @ray.remote(num_cpus=0.25)
@@ -51,7 +51,7 @@ def tiny_payloads(with_lora: bool = True) -> dict[str, dict[str, np.ndarray]]:
     from policy.state import to_numpy_state
     from services.config import LoraConfig
 
-    base = _base_checkpoint()
+    base = str(BASE)
     full = load_policy(base)
     out = {}
     if with_lora:
@@ -59,12 +59,6 @@ def tiny_payloads(with_lora: bool = True) -> dict[str, dict[str, np.ndarray]]:
         out["tiny LoRA r=8"] = to_numpy_state(lora, trainable_keys(lora))
     out["tiny full"] = to_numpy_state(full, trainable_keys(full))
     return out
-
-
-def _base_checkpoint() -> str:
-    from pathlib import Path
-
-    return str(Path(__file__).resolve().parent.parent / "checkpoints" / "shapes-base")
 
 
 def synthetic(megabytes: int) -> dict[str, np.ndarray]:

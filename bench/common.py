@@ -18,7 +18,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-RESULTS = Path(__file__).resolve().parent.parent / "docs" / "results"
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "docs" / "results"
+BASE = REPO / "checkpoints" / "shapes-base"  # the shipped base model every benchmark starts from
 
 
 def parse_args(name: str, doc: str | None, argv: Sequence[str] | None) -> argparse.Namespace:

@@ -31,7 +31,8 @@ def _rss_mb() -> float:
 
 def child(estimator: str, k: int, n: int, repeat: int) -> dict[str, float]:
     """One estimator's timing and memory (run in a fresh process)."""
-    from bench.learner import BASE, _current, _init_dist
+    from bench.common import BASE
+    from bench.learner import _current, _init_dist
     from learner.engine import LearnerEngine, TrainBatch
     from policy.io import load_policy
     from rollout.generate import generate

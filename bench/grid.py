@@ -28,9 +28,8 @@ from typing import Any
 import numpy as np
 import yaml
 
-from bench.common import RESULTS, fmt, machine
+from bench.common import BASE, REPO, RESULTS, fmt, machine
 
-REPO = Path(__file__).resolve().parent.parent
 LOSSES = ("epg", "pepg", "par", "grpo")
 HEADLINE = (("trajectory", "sde", "grpo"), ("elbo", "ode", "pepg"))
 
@@ -53,7 +52,7 @@ def cell_config(
         "name": f"{est}-{sampler}-{loss}-s{seed}",
         "seed": seed,
         "runs_dir": runs_dir,
-        "model": {"checkpoint": str(REPO / "checkpoints" / "shapes-base")},
+        "model": {"checkpoint": str(BASE)},
         "eval": {
             "max_prompts": 8 if quick else None,
             "images_per_prompt": 1,
@@ -159,14 +158,7 @@ def summarize(
                 ),
                 "wall s per run": float(np.mean([r["wall_s"] for r in runs])),
                 "s per round": float(
-                    np.mean(
-                        [
-                            np.mean(np.diff(r["elapsed_s"]))
-                            if len(r["elapsed_s"]) > 1
-                            else r["elapsed_s"][0]
-                            for r in runs
-                        ]
-                    )
+                    np.mean([r["elapsed_s"][-1] / len(r["rounds"]) for r in runs])
                 ),
                 f"s to acc >= {base + gain:.3f}": float(np.nanmedian(ttt))
                 if not all(map(math.isnan, ttt))

@@ -17,21 +17,17 @@ import dataclasses
 import os
 import socket
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from bench.common import median, parse_args, timed, write
-from learner.elbo import select_sampler_timesteps
-from learner.engine import LearnerEngine, TrainBatch, _mix
+from bench.common import BASE, median, parse_args, timed, write
+from learner.engine import LearnerEngine, TrainBatch
 from learner.losses import GlobalNormalizer
 from learner.microbatch import make_noise_draw, microbatch_loss
 from learner.old_policy import ema_update_, get_schedule
 from policy.io import load_policy
 from services.config import LearnerConfig, SamplingConfig
-
-BASE = Path(__file__).resolve().parent.parent / "checkpoints" / "shapes-base"
 
 
 class PlainStep:
@@ -50,17 +46,12 @@ class PlainStep:
     def step(self, b: TrainBatch) -> None:
         n, k, mb = b.x0.shape[0], self.cfg.num_timesteps, self.cfg.microbatch_size
         norm = GlobalNormalizer(num_samples=n, num_timesteps=k)
-        sigmas = self.engine_ref.sigmas[:-1]
         for lo in range(0, n, mb):
             idx = slice(lo, lo + mb)
             x0, adv = b.x0[idx], b.advantages[idx]
             cond = self.policy.encode_prompts(b.prompts[idx])
-            ts, eps = [], []
-            for sid in b.sample_ids[idx]:
-                g = torch.Generator().manual_seed(_mix(b.seed, int(sid)))
-                ts.append(select_sampler_timesteps(sigmas, 1, k, generator=g)[1][0])
-                eps.append(torch.randn((k, *x0.shape[1:]), generator=g))
-            t, noise = torch.stack(ts), torch.stack(eps)
+            # The same per-sample draws (keyed by seed and sample id) as the engine's.
+            t, noise = self.engine_ref._draws(b.sample_ids[idx], b.seed, tuple(x0.shape[1:]))
             for j in range(k):
                 draw = make_noise_draw(x0, t[:, j], self.engine_ref.loss_cfg, noise=noise[:, j])
                 loss, _ = microbatch_loss(

@@ -26,10 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.common import median, parse_args, write
+from bench.common import BASE, median, parse_args, write
 from services.config import RunConfig
-
-BASE = Path(__file__).resolve().parent.parent / "checkpoints" / "shapes-base"
 
 
 def _config(runs_dir: str, rounds: int, quick: bool) -> RunConfig:

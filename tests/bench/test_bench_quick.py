@@ -17,7 +17,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 SUMMARY_KEYS = {
     "rewards": "speedup_2_over_1",
-    "broadcast": "target",
+    "broadcast": "fraction of memcpy, tiny full, 1 actors",
     "learner": "ratio_deepspeed_over_plain",
     "estimator": "trajectory / (ELBO, K = 2)",
     "pipeline": "ratio_pipeline_over_single",
@@ -38,7 +38,7 @@ def test_quick_benchmark_writes_its_results(tmp_path: Path, name: str) -> None:
     assert record["quick"] is True and record["machine"]["cpu_count"] >= 1
     assert record["rows"], "no measurements"
     value = record["summary"][SUMMARY_KEYS[name]]
-    assert isinstance(value, str) or (math.isfinite(value) and value > 0)
+    assert math.isfinite(value) and value > 0
     md = (tmp_path / f"{name}.md").read_text()
     assert md.startswith(f"### `python -m bench.{name} --quick`") and "| summary | value |" in md
 
