@@ -110,6 +110,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         counts, repeat = (1, 2, 4), 5
     store = 3 * 2**30 if not args.quick else 256 * 2**20
     ray.init(
+        address="local",
         num_cpus=os.cpu_count(),
         object_store_memory=store,
         include_dashboard=False,

@@ -56,7 +56,7 @@ def _throughput(refs: list[ray.ObjectRef], actors: int, images: int, repeat: int
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args("rewards", __doc__, argv)
     num, size, repeat = (4, 32, 1) if args.quick else (16, 256, 5)
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     try:
         refs = [ray.put(c) for c in _chunks(num, size)]
         rows, rates = [], {}

@@ -222,7 +222,8 @@ def ray_session(address: str | None) -> Iterator[None]:
     if target:
         ray.init(address=target, log_to_driver=True)
     else:
-        ray.init(
+        ray.init(  # "local": a new cluster even when `ray start` runs on this machine
+            address="local",
             num_cpus=os.cpu_count(),
             object_store_memory=int(os.environ.get("ELBORL_OBJECT_STORE_BYTES", 512 * 2**20)),
             include_dashboard=False,

@@ -58,18 +58,40 @@ def _merge(dst: dict[str, Any], src: dict[str, Any]) -> None:
             dst[k] = v
 
 
+SHARED_HEAD_ENV = "ELBORL_TEST_RAY_ADDRESS"
+
+
+def train_cmd(args: list[str], local: bool = False) -> list[str]:
+    """The ``elborl train ARGS`` command line for a test run.
+
+    Runs join the session's shared ``ray start --head`` (``tests/e2e/conftest.py``), which
+    saves each run the start and stop of a cluster, unless ``local`` asks for the default
+    mode (a new local cluster) or the arguments name an address already.
+    """
+    shared = os.environ.get(SHARED_HEAD_ENV)
+    join = ["--address", shared] if shared and not local and "--address" not in args else []
+    return [sys.executable, "-m", "services.cli", "train", *args, *join]
+
+
+def train_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a test run: a small object store for local clusters, plus ``env``."""
+    return {**os.environ, "ELBORL_OBJECT_STORE_BYTES": str(200 * 2**20), **(env or {})}
+
+
 def run_train(
-    args: list[str], timeout: float = 300, env: dict[str, str] | None = None
+    args: list[str],
+    timeout: float = 300,
+    env: dict[str, str] | None = None,
+    local: bool = False,
 ) -> subprocess.CompletedProcess[str]:
-    """``elborl train ARGS`` as a subprocess from the repo root (its own local Ray cluster)."""
-    full_env = {**os.environ, "ELBORL_OBJECT_STORE_BYTES": str(200 * 2**20), **(env or {})}
+    """``elborl train ARGS`` as a subprocess from the repo root (see ``train_cmd``)."""
     return subprocess.run(
-        [sys.executable, "-m", "services.cli", "train", *args],
+        train_cmd(args, local),
         capture_output=True,
         text=True,
         timeout=timeout,
         cwd=REPO,
-        env=full_env,
+        env=train_env(env),
     )
 
 

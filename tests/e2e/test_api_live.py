@@ -4,9 +4,7 @@ from Ray, then a stop request that ends the run cleanly with a checkpoint ``--re
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -15,7 +13,7 @@ import httpx
 import pytest
 
 from tests.conftest import REPO
-from tests.e2e.helpers import metrics, run_train, tiny_config
+from tests.e2e.helpers import metrics, run_train, tiny_config, train_cmd, train_env
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(420)]
 
@@ -50,9 +48,9 @@ def test_live_status_then_stop_then_resume(tmp_path: Path) -> None:
         service={"enabled": True, "port": 0},
     )
     run = tmp_path / "runs" / "t"
-    env = {**os.environ, "ELBORL_TOKEN": TOKEN, "ELBORL_OBJECT_STORE_BYTES": str(200 * 2**20)}
+    env = train_env({"ELBORL_TOKEN": TOKEN})
     proc = subprocess.Popen(
-        [sys.executable, "-m", "services.cli", "train", "--config", str(cfg)],
+        train_cmd(["--config", str(cfg)]),
         cwd=REPO,
         env=env,
         stdout=subprocess.PIPE,

@@ -28,7 +28,8 @@ def _snapshot(root: Path) -> dict[str, tuple[str, float]]:
 def _refused(args: list[str], *needles: str) -> str:
     out = run_train(args, timeout=120)
     assert out.returncode == 2, out.stderr[-3000:]
-    assert "Started a local Ray instance" not in out.stderr  # refused before Ray started
+    for ray_started in ("Started a local Ray instance", "Connected to Ray cluster"):
+        assert ray_started not in out.stderr  # refused before Ray started or was joined
     for needle in needles:
         assert needle in out.stderr, (needle, out.stderr[-2000:])
     return out.stderr

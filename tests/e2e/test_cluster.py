@@ -1,63 +1,26 @@
-"""Cluster modes: ``ray job submit`` to a local head (token auth on) and a two-node cluster."""
+"""Cluster modes: ``ray job submit`` to a local head (token auth on) and a two-node cluster.
+
+The head is the session's shared ``ray start --head`` (``tests/e2e/conftest.py``).
+"""
 
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import REPO
+from tests.e2e.conftest import VENV_BIN, Head, venv_env
 from tests.e2e.helpers import metrics, run_train, tiny_config
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
-VENV_BIN = str(Path(sys.executable).parent)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _env() -> dict[str, str]:
-    return {**os.environ, "PATH": VENV_BIN + os.pathsep + os.environ.get("PATH", "")}
-
-
-@pytest.fixture
-def head_node(tmp_path: Path) -> Iterator[str]:
-    """A local ``ray start --head`` with token auth (the tests' own token file); its job URL."""
-    gcs, dash = _free_port(), _free_port()
-    start = [
-        f"{VENV_BIN}/ray",
-        "start",
-        "--head",
-        f"--port={gcs}",
-        "--num-cpus=2",
-        "--include-dashboard=true",
-        "--dashboard-host=127.0.0.1",
-        f"--dashboard-port={dash}",
-        f"--object-store-memory={200 * 2**20}",
-        "--disable-usage-stats",
-    ]
-    out = subprocess.run(start, capture_output=True, text=True, timeout=120, env=_env())
-    assert out.returncode == 0, out.stderr[-3000:]
-    try:
-        yield f"http://127.0.0.1:{dash}"
-    finally:
-        subprocess.run(
-            [f"{VENV_BIN}/ray", "stop", "--force"], capture_output=True, timeout=120, env=_env()
-        )
-
-
-def test_ray_job_submit_to_a_local_head(tmp_path: Path, head_node: str) -> None:
+def test_ray_job_submit_to_a_local_head(tmp_path: Path, ray_head: Head) -> None:
     cfg = tiny_config(tmp_path, name="job", train={"rounds": 2, "eval_every": 0})
-    env = {**_env(), "RAY_ADDRESS": head_node}
+    env = {**venv_env(), "RAY_ADDRESS": ray_head.job_url}
     out = subprocess.run(
         ["bash", "deploy/submit.sh", str(cfg)],
         capture_output=True,
@@ -76,9 +39,9 @@ def test_ray_job_submit_to_a_local_head(tmp_path: Path, head_node: str) -> None:
     assert listed.returncode == 0 and "SUCCEEDED" in listed.stdout
 
 
-def test_without_the_token_the_cluster_refuses_jobs(head_node: str) -> None:
-    env = {k: v for k, v in _env().items() if not k.startswith("RAY_AUTH")}
-    env.update({"RAY_ADDRESS": head_node, "HOME": "/nonexistent-home"})
+def test_without_the_token_the_cluster_refuses_jobs(ray_head: Head) -> None:
+    env = {k: v for k, v in venv_env().items() if not k.startswith("RAY_AUTH")}
+    env.update({"RAY_ADDRESS": ray_head.job_url, "HOME": "/nonexistent-home"})
     out = subprocess.run(
         [f"{VENV_BIN}/ray", "job", "list"], capture_output=True, text=True, timeout=60, env=env
     )

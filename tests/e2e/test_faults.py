@@ -1,4 +1,4 @@
-"""Faults on a real local Ray cluster: dead and hung actors, bad numbers, crashes, signals.
+"""Faults on a real Ray cluster: dead and hung actors, bad numbers, crashes, signals, nodes.
 
 Each test runs the real ``elborl train`` in a subprocess and either kills real actor processes
 (found by the process title Ray gives a running actor task, ``ray::RewardWorker.score``) or
@@ -13,7 +13,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -22,19 +21,20 @@ import pytest
 
 from tests.conftest import REPO
 from tests.e2e.conftest import STRAIGHT_TRAIN
-from tests.e2e.helpers import metrics, run_train, tiny_config
+from tests.e2e.helpers import metrics, run_train, tiny_config, train_cmd, train_env
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 PLUGIN = "tests.e2e.fault_rewards"
 
 
-def start_train(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-    """``elborl train`` in the background (its own local Ray cluster)."""
-    full = {**os.environ, "ELBORL_OBJECT_STORE_BYTES": str(200 * 2**20), **(env or {})}
+def start_train(
+    args: list[str], env: dict[str, str] | None = None, local: bool = False
+) -> subprocess.Popen[str]:
+    """``elborl train`` in the background (see ``helpers.train_cmd``)."""
     return subprocess.Popen(
-        [sys.executable, "-m", "services.cli", "train", *args],
+        train_cmd(args, local),
         cwd=REPO,
-        env=full,
+        env=train_env(env),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -246,7 +246,10 @@ def test_a_nan_loss_skips_the_step_without_touching_the_weights(tmp_path: Path) 
         faults={"max_bad_rounds": 2},
         train={"rounds": 8, "eval_every": 0, "sample_grid_every": 0},
     )
-    out = run_train(["--config", str(cfg)], env={"ELBORL_FAULT_NAN_LOSS": "2,4,5"})
+    # local: the learner actor reads the hook, and actors inherit the driver's environment
+    # only from a cluster the driver starts itself.
+    nan_steps = {"ELBORL_FAULT_NAN_LOSS": "2,4,5"}
+    out = run_train(["--config", str(cfg)], env=nan_steps, local=True)
     assert out.returncode == 1 and "learner step skipped: True" in out.stderr, out.stderr[-3000:]
     m = metrics(tmp_path / "runs" / "nan")
     assert [r["learner/skipped_step"] for r in m] == [0, 1, 0, 1, 1]
@@ -282,7 +285,7 @@ def test_sigterm_checkpoints_the_round_in_flight_and_exits_resumably(tmp_path: P
         tmp_path, name="term", train={"rounds": 50, "eval_every": 0, "sample_grid_every": 0}
     )
     run = tmp_path / "runs" / "term"
-    proc = start_train(["--config", str(cfg)])
+    proc = start_train(["--config", str(cfg)], local=True)  # the default mode's signal handling
     end = time.monotonic() + 240
     while not (run / "metrics.jsonl").exists() or len(metrics(run)) < 1:
         assert proc.poll() is None and time.monotonic() < end, "the run never got to round 1"

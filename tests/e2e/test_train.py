@@ -15,8 +15,10 @@ pytestmark = pytest.mark.e2e
 
 def test_short_run_trains_every_sample_once_and_loads_every_version(tmp_path: Path) -> None:
     cfg = tiny_config(tmp_path, train={"eval_at_start": True})
-    out = run_train(["--config", str(cfg)])
+    out = run_train(["--config", str(cfg)], local=True)  # the default mode
     assert out.returncode == 0, out.stderr[-4000:]
+    # A new local cluster, although the session's `ray start --head` runs on this machine.
+    assert "Started a local Ray instance" in out.stderr
     run = tmp_path / "runs" / "t"
     rounds = metrics(run)
     assert [r["round"] for r in rounds] == [1, 2, 3]

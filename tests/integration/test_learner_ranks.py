@@ -21,7 +21,7 @@ N = 16
 
 @pytest.fixture(scope="module")
 def ray_local() -> Iterator[None]:
-    ray.init(num_cpus=2, object_store_memory=200 * 2**20, include_dashboard=False)
+    ray.init(address="local", num_cpus=2, object_store_memory=200 * 2**20, include_dashboard=False)
     yield
     ray.shutdown()
 
@@ -103,4 +103,7 @@ def test_one_and_two_ranks_give_the_same_update(
     moved = max(float(np.abs(one[k] - base[k]).max()) for k in base)
     assert moved > 1e-5  # the step really changed the weights
     for k in base:
-        np.testing.assert_allclose(one[k], two[k], rtol=1e-4, atol=2e-6, err_msg=k)
+        # Adam's first step is lr * g / (|g| + eps): where |g| is near eps, the last-bit
+        # difference of summing over one rank or two shows up as ~1e-6; a wrong update (a
+        # microbatch lost or counted twice) moves a weight by O(lr) = 1e-3.
+        np.testing.assert_allclose(one[k], two[k], rtol=1e-4, atol=1e-5, err_msg=k)
