@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -109,13 +110,25 @@ def _train_step(
     x0 = policy.from_images(render_batch(batch, rng))
     texts = ["" if rng.random() < cfg.prompt_dropout else p.text for p in batch]
     for group in opt.param_groups:
-        group["lr"] = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+        group["lr"] = learning_rate(cfg, step)
     loss = flow_matching_loss(policy, x0, policy.encode_prompts(texts), g)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
     opt.step()
     return float(loss.detach())
+
+
+def learning_rate(cfg: PretrainConfig, step: int) -> float:
+    """The learning rate of (0-based) ``step``: linear warm-up, then constant or half-cosine."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    span = max(1, cfg.steps - cfg.warmup_steps)
+    frac = min(1.0, (step - cfg.warmup_steps) / span)
+    floor = cfg.min_lr_ratio
+    return cfg.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
 def balanced_batch(

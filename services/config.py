@@ -128,6 +128,17 @@ class PretrainConfig(_Section):
     lr: float = Field(1e-3, gt=0, description="AdamW learning rate.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay.")
     warmup_steps: int = Field(100, ge=0, description="Linear learning-rate warm-up, in steps.")
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant",
+        description="After warm-up: keep `lr` (constant) or decay it along a half cosine to "
+        "`min_lr_ratio * lr` at the last step (cosine).",
+    )
+    min_lr_ratio: float = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description="Final learning rate of the cosine schedule, as a fraction of `lr`.",
+    )
     ema_decay: float = Field(
         0.999, ge=0, lt=1, description="EMA decay of the saved weights per step."
     )
