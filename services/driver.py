@@ -40,7 +40,7 @@ from services.commands import resolve_prompts
 from services.config import ConfigError, Resources, RunConfig
 from services.loop import update_status, worker_health
 from services.prompts import PromptDealer, RoundPrompts
-from services.resources import check_resources, missing_for
+from services.resources import busy_cpu_warning, check_resources, missing_for
 from services.run import RunDir, read_driver_state, verify_checkpoint
 
 log = logging.getLogger("elborl.driver")
@@ -222,6 +222,11 @@ def ray_session(address: str | None) -> Iterator[None]:
     if target:
         ray.init(address=target, log_to_driver=True)
     else:
+        import psutil
+
+        busy = busy_cpu_warning(psutil.cpu_percent(interval=0.3), os.cpu_count() or 1)
+        if busy:
+            log.warning(busy)
         ray.init(  # "local": a new cluster even when `ray start` runs on this machine
             address="local",
             num_cpus=os.cpu_count(),

@@ -9,6 +9,22 @@ import ray
 from services.config import ConfigError, Resources, RunConfig
 
 
+def busy_cpu_warning(busy_percent: float, num_cpus: int, threshold: float = 75.0) -> str | None:
+    """A warning when other work keeps this machine's CPUs busy before a local run starts.
+
+    Ray runs its worker processes at a lower priority (niced), so a CPU-bound job at normal
+    priority can starve the run's actors completely: the run looks hung, with no error.
+    ``busy_percent`` is the machine-wide CPU use sampled just before Ray starts.
+    """
+    if busy_percent < threshold:
+        return None
+    return (
+        f"the machine's {num_cpus} CPU(s) are already {busy_percent:.0f}% busy with other work; "
+        "Ray's workers run at a lower priority and may be starved (the run would look hung). "
+        "Stop or renice the other job, or expect a slow run"
+    )
+
+
 def _bundle(res: Resources) -> dict[str, float]:
     out = {"CPU": res.num_cpus, "GPU": res.num_gpus, **res.custom}
     return {k: v for k, v in out.items() if v > 0}
