@@ -49,8 +49,9 @@ def test_a_few_real_steps_change_the_weights_and_return_a_frozen_ema_copy() -> N
     torch.manual_seed(0)
     policy = build_tiny(32, {"channels": (16, 32), "text_dim": 32, "text_layers": 1})
     before = {k: v.clone() for k, v in policy.state_dict().items()}
-    cfg = PretrainConfig(steps=6, batch_size=8, lr=1e-3, warmup_steps=2, eval_every=0)
-    cfg = cfg.model_copy(update={"lr_schedule": "cosine"})
+    cfg = PretrainConfig(
+        steps=6, batch_size=8, lr=1e-3, warmup_steps=2, lr_schedule="cosine", eval_every=0
+    )
     eval_cfg = EvalConfig(sampling=SamplingConfig(sampler="euler", num_steps=2))
     prompts = all_prompts()[:50]
     ema, state = pretrain(policy, prompts, prompts[:2], cfg, eval_cfg, seed=0)
