@@ -17,9 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.e2e.golden import STRAIGHT_TRAIN
 from tests.e2e.helpers import SHARED_HEAD_ENV, run_train, tiny_config
-
-STRAIGHT_TRAIN = {"rounds": 4, "checkpoint_every": 2, "eval_every": 0, "sample_grid_every": 0}
 VENV_BIN = str(Path(sys.executable).parent)
 
 
