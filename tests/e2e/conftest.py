@@ -19,6 +19,7 @@ import pytest
 
 from tests.e2e.golden import STRAIGHT_TRAIN
 from tests.e2e.helpers import SHARED_HEAD_ENV, run_train, tiny_config
+
 VENV_BIN = str(Path(sys.executable).parent)
 
 
