@@ -2,7 +2,7 @@
 
 Both start from the shipped base model and train on the same batch (64 samples, microbatches
 of 16, K = 2 ELBO timesteps, pepg + KL to the reference, AdamW, gradient clipping, then the
-old-policy EMA). The plain step calls the same pure functions (``learner.microbatch``) with
+old-policy EMA). The plain step calls the same pure functions (``algo.microbatch``) with
 ``torch.optim.AdamW`` and ``clip_grad_norm_``; the DeepSpeed one is ``LearnerEngine.train_step``
 (world size 1, ZeRO stage 0), which also computes one diagnostic (``learner/improvement``,
 one extra forward pair on a microbatch) timed separately here. A check that the math is the
@@ -21,11 +21,12 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from algo.losses import GlobalNormalizer
+from algo.microbatch import make_noise_draw, microbatch_loss
+from algo.old_policy import ema_update_, get_schedule
 from bench.common import BASE, median, parse_args, timed, write
 from learner.engine import LearnerEngine, TrainBatch
-from learner.losses import GlobalNormalizer
-from learner.microbatch import make_noise_draw, microbatch_loss
-from learner.old_policy import ema_update_, get_schedule
+from learner.estimators import ElboEstimator
 from policy.io import load_policy
 from services.config import LearnerConfig, SamplingConfig
 
@@ -51,7 +52,9 @@ class PlainStep:
             x0, adv = b.x0[idx], b.advantages[idx]
             cond = self.policy.encode_prompts(b.prompts[idx])
             # The same per-sample draws (keyed by seed and sample id) as the engine's.
-            t, noise = self.engine_ref._draws(b.sample_ids[idx], b.seed, tuple(x0.shape[1:]))
+            t, noise = ElboEstimator.draws(
+                self.engine_ref, b.sample_ids[idx], b.seed, tuple(x0.shape[1:])
+            )
             for j in range(k):
                 draw = make_noise_draw(x0, t[:, j], self.engine_ref.loss_cfg, noise=noise[:, j])
                 loss, _ = microbatch_loss(
@@ -131,8 +134,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     ds = timed(lambda: engine.train_step(_current(batch, engine)), repeat)
     pt = timed(lambda: plain.step(batch), repeat)
-    keep = np.ones(n, dtype=bool)
-    diag = timed(lambda: engine._improvement(_current(batch, engine), keep), repeat)
+    first = np.arange(min(n, cfg.microbatch_size))
+    diag = timed(
+        lambda: engine.estimator.improvement(engine, _current(batch, engine), first), repeat
+    )
     rows = [
         {"step": "DeepSpeed LearnerEngine.train_step", "median_s": median(ds), "min_s": min(ds)},
         {

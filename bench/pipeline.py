@@ -86,12 +86,12 @@ def _row(name: str, seconds: list[float]) -> dict[str, Any]:
 
 def single_process(cfg: RunConfig) -> list[float]:
     """Seconds per round of the plain loop."""
+    from algo.advantages import AdvantageConfig, compute_advantages
     from bench.learner import _init_dist
-    from learner.advantages import AdvantageConfig, compute_advantages
     from learner.engine import LearnerEngine, TrainBatch
     from policy.io import load_policy
     from rewards.pool import RewardScorer
-    from rollout.worker import RolloutEngine
+    from rollout.engine import RolloutEngine
     from services.prompts import PromptDealer
     from worlds.shapes.grammar import split_prompts
 

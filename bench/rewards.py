@@ -16,7 +16,7 @@ import numpy as np
 import ray
 
 from bench.common import median, parse_args, write
-from rollout.worker import RolloutImages
+from rollout.engine import RolloutImages
 from services.actors import RewardWorker
 from services.config import RewardSpec
 from worlds.shapes.grammar import split_prompts

@@ -7,10 +7,11 @@ GPU) that the caller sets up through the usual ``RANK``/``WORLD_SIZE``/``MASTER_
 
 One round on one rank (``train_step``):
 
-1. for each microbatch of this rank's shard and each of the K ELBO timesteps (drawn per
-   sample from the rollout sampler's own grid, fresh eps each), one shared draw feeds the
-   current (grad), old (no grad; the *version that generated the sample*) and reference
-   (no grad, only when beta > 0) passes: ``learner.microbatch.microbatch_loss``;
+1. for each microbatch of this rank's shard, the configured estimator
+   (``learner/estimators.py``) yields one loss per term index: for the ELBO, per each of the
+   K timesteps (drawn per sample from the rollout sampler's own grid, fresh eps each) one
+   shared draw feeds the current (grad), old (no grad; the *version that generated the
+   sample*) and reference (no grad, only when beta > 0) passes;
 2. ``engine.backward`` after each (accumulating locally: DeepSpeed's unmanaged gradient
    accumulation), then one ``engine.step()`` that all-reduces (averages) gradients over the
    ranks, clips and applies AdamW;
@@ -18,62 +19,40 @@ One round on one rank (``train_step``):
 
 Normalisation: the loss functions divide by a ``GlobalNormalizer``; we pass this rank's sample
 count, and DeepSpeed *averages* over equal-sized rank shards, which gives the mean over all
-(sample, timestep) pairs of the round (``learner.losses``'s contract).
+(sample, timestep) pairs of the round (``algo.losses``'s contract).
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from learner.elbo import FlowWeighting, NoiseDraw, flow_elbo, select_sampler_timesteps
-from learner.losses import GlobalNormalizer, LossConfig
-from learner.microbatch import make_noise_draw, merge_metrics, microbatch_loss
-from learner.old_policy import ema_update_, get_schedule
-from learner.trajectory import flow_grpo_microbatch_loss
+from algo.losses import LossConfig
+from algo.microbatch import merge_metrics
+from algo.old_policy import ema_update_, get_schedule
+from algo.samplers import get_sampler
+from learner.batch import TrainBatch
+from learner.config import LearnerConfig
+from learner.estimators import ESTIMATORS
 from policy.base import Policy
+from policy.config import LoraConfig
 from policy.lora import add_lora, trainable_keys
 from policy.state import StateDict, checksum, to_numpy_state
-from rollout.samplers import flow_timesteps
-from services.config import LearnerConfig, LoraConfig, SamplingConfig
+from rollout.config import SamplingConfig
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class TrainBatch:
-    """One rank's share of a round: samples, their prompts, advantages and provenance.
-
-    Every random draw of the update (ELBO timesteps, noise) derives from ``(seed, sample_id)``
-    alone, so the update does not depend on how samples are split over ranks or microbatches.
-
-    ``x0`` (B, *sample_shape) final samples; ``advantages`` (B,); ``versions`` (B,) the
-    sampling-policy version that generated each sample; ``trajectory`` (B, S+1, ...) and
-    ``log_probs`` (B, S) only for the trajectory estimator.
-    """
-
-    sample_ids: np.ndarray
-    group_ids: np.ndarray
-    x0: Tensor
-    prompts: list[str]
-    advantages: Tensor
-    versions: np.ndarray
-    seed: int
-    trajectory: Tensor | None = None
-    log_probs: Tensor | None = None
-    keep: np.ndarray | None = None  # (B,) bool: samples in the loss (None: all)
-    total_kept: int | None = None  # kept samples over all ranks (None: B x world size)
+__all__ = ["LearnerEngine", "PublishedWeights", "TrainBatch", "deepspeed_config"]
 
 
 def deepspeed_config(cfg: LearnerConfig) -> dict[str, Any]:
@@ -87,6 +66,15 @@ def deepspeed_config(cfg: LearnerConfig) -> dict[str, Any]:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+
+
+@dataclass(frozen=True)
+class PublishedWeights:
+    """What the driver learns of a weight publication (the weights go by ObjectRef)."""
+
+    version: int
+    checksum: str
+    bytes: int
 
 
 class LearnerEngine:
@@ -103,15 +91,9 @@ class LearnerEngine:
         import deepspeed
 
         self.cfg, self.sampling, self.seed = cfg, sampling, seed
-        self.loss_cfg = LossConfig(
-            loss=cfg.loss,
-            weighting=cfg.elbo_weighting,
-            prediction="velocity" if policy.prediction_type == "flow" else "epsilon",
-            clip_eps=cfg.clip_eps,
-            adv_clip_max=cfg.adv_clip,
-            beta=cfg.kl_beta,
-            cfg_scale=sampling.guidance,
-        )
+        prediction = "velocity" if policy.prediction_type == "flow" else "epsilon"
+        self.loss_cfg: LossConfig = cfg.loss_config(prediction, cfg_scale=sampling.guidance)
+        self.estimator = ESTIMATORS.get(cfg.estimator)
         self.schedule = get_schedule(cfg.old_policy_schedule)
         # The reference is the base model: copied before any adapter is added.
         self.ref = copy.deepcopy(policy).requires_grad_(False).eval() if cfg.kl_beta > 0 else None
@@ -134,8 +116,26 @@ class LearnerEngine:
         self.version = 0  # the sampling-policy version that ``sampling_state`` returns
         self.rank = int(torch.distributed.get_rank())
         self.world_size = int(torch.distributed.get_world_size())
-        sigmas = flow_timesteps(sampling.num_steps, sampling.shift)
-        self.sigmas = sigmas  # (S + 1,) the rollout sampler's grid, 1 -> 0
+        # (S + 1,) the rollout sampler's own grid, 1 -> 0: the ELBO draws its timesteps from
+        # it and the trajectory estimator re-scores its steps on it.
+        self.sigmas = get_sampler(sampling.sampler).timesteps(sampling.num_steps, sampling.shift)
+
+    # ------------------------------------------------- what the estimators read (LearnerView)
+    @property
+    def model(self) -> Any:
+        return self.engine
+
+    @property
+    def num_timesteps(self) -> int:
+        return self.cfg.num_timesteps
+
+    @property
+    def group_shared_noise(self) -> bool:
+        return self.cfg.group_shared_noise
+
+    @property
+    def eta(self) -> float:
+        return self.sampling.eta
 
     # ----------------------------------------------------------------- weights
     @contextmanager
@@ -159,7 +159,8 @@ class LearnerEngine:
         with self._full_params():
             return to_numpy_state(self.policy, self.keys)
 
-    def _old_for(self, version: int) -> Policy:
+    def old_for(self, version: int) -> Policy:
+        """The sampling policy of ``version`` (the current one, or the one lagged version)."""
         if version == self.version:
             return self.old
         if version not in self.lagged:
@@ -208,7 +209,10 @@ class LearnerEngine:
             bad += b
         skipped = self._vote_skip(bad)
         self._step(skipped)
-        improvement = self._improvement(batch, keep) if not skipped else float("nan")
+        first = np.flatnonzero(keep)[: self.cfg.microbatch_size]
+        improvement = (
+            self.estimator.improvement(self, batch, first) if not skipped else float("nan")
+        )
         decay = self._update_old() if not skipped else float("nan")
         out = merge_metrics(metrics) if metrics else {}
         out["learner/improvement"] = improvement
@@ -248,194 +252,34 @@ class LearnerEngine:
             for g, lr in zip(groups, saved, strict=True):
                 g["lr"] = lr
 
-    def _zero_loss(self, batch: TrainBatch, row: int) -> Tensor:
-        """0 x a real one-sample loss: zero gradients, produced by the same graph as a real
-        microbatch. ZeRO-2 reduces gradients in the order autograd produces them, so every
-        rank's backward must run the same graph even where it has nothing to train on."""
-        rows = torch.tensor([row])
-        cond = self.policy.encode_prompts([batch.prompts[row]])
-        adv = torch.zeros(1)
-        if self.cfg.estimator == "trajectory":
-            assert batch.trajectory is not None and batch.log_probs is not None
-            loss, _ = flow_grpo_microbatch_loss(
-                self.engine,
-                self.ref,
-                batch.trajectory[rows],
-                self.sigmas,
-                batch.log_probs[rows],
-                torch.zeros(1, dtype=torch.long),
-                cond,
-                adv,
-                GlobalNormalizer(num_samples=1, num_timesteps=1),
-                eta=self.sampling.eta,
-                clip_eps=self.cfg.clip_eps,
-                adv_clip_max=self.cfg.adv_clip,
-                beta=self.cfg.kl_beta,
-            )
-            return loss * 0.0
-        x0 = batch.x0[rows]
-        t, noise = self._draws(self._noise_ids(batch)[[row]], batch.seed, tuple(x0.shape[1:]))
-        draw = make_noise_draw(x0, t[:, 0], self.loss_cfg, noise=noise[:, 0])
-        loss, _ = microbatch_loss(
-            self.engine,
-            self._old_for(int(batch.versions[row])),
-            self.ref,
-            x0,
-            cond,
-            adv,
-            draw,
-            self.loss_cfg,
-            GlobalNormalizer(num_samples=1, num_timesteps=1),
-        )
-        return loss * 0.0
-
     def _backward(self, loss: Tensor | None, batch: TrainBatch, stand_in: int) -> int:
         """Backpropagate ``loss``, or a zero loss (on row ``stand_in``) when it is None or
-        non-finite; returns 1 if it was non-finite."""
+        non-finite; returns 1 if it was non-finite.
+
+        The zero loss is 0 x a real one-sample loss: zero gradients, produced by the same graph
+        as a real microbatch. ZeRO-2 reduces gradients in the order autograd produces them, so
+        every rank's backward must run the same graph even where it has nothing to train on.
+        """
         bad = loss is not None and not bool(torch.isfinite(loss))
         if bad:
             log.warning("non-finite loss %s: this step will be skipped", float(loss))  # type: ignore[arg-type]
         if loss is None or bad:
-            loss = self._zero_loss(batch, stand_in)
+            loss = self.estimator.zero_loss(self, batch, stand_in)
         self.engine.backward(loss, scale_wrt_gas=False)
         return int(bad)
 
     def _microbatch(
-        self, batch: TrainBatch, rows_np: np.ndarray, norm_samples: float, stand_in: int
+        self, batch: TrainBatch, rows: np.ndarray, norm_samples: float, stand_in: int
     ) -> tuple[list[dict[str, float]], int]:
-        k = self.cfg.num_timesteps if self.cfg.estimator == "elbo" else None
-        if self.cfg.estimator == "trajectory":
-            assert batch.log_probs is not None or not len(rows_np)
-            k = batch.log_probs.shape[1] if batch.log_probs is not None else 1
-        assert k is not None
-        if not len(rows_np):
+        """One backward per term index of the estimator (a zero loss for each when ``rows``,
+        this microbatch's kept samples, is empty); the metrics and the non-finite count."""
+        if not len(rows):
+            k = self.estimator.num_terms(self, batch)
             return [], sum(self._backward(None, batch, stand_in) for _ in range(k))
-        rows = torch.from_numpy(rows_np)
-        cond = self.policy.encode_prompts([batch.prompts[i] for i in rows_np])
-        adv = batch.advantages[rows].float()
-        if self.cfg.estimator == "trajectory":
-            return self._trajectory_microbatch(batch, rows, cond, adv, norm_samples, stand_in)
-        x0, versions = batch.x0[rows], batch.versions[rows_np]
-        t, noise = self._draws(self._noise_ids(batch)[rows_np], batch.seed, tuple(x0.shape[1:]))
-        norm = GlobalNormalizer(num_samples=norm_samples, num_timesteps=k)
         out, bad = [], 0
-        for j in range(k):
-            total: Tensor | None = None
-            for version in np.unique(versions):  # one backward per j, whatever the versions
-                sub = torch.from_numpy(np.flatnonzero(versions == version))
-                draw = make_noise_draw(x0[sub], t[sub, j], self.loss_cfg, noise=noise[sub, j])
-                loss, m = microbatch_loss(
-                    self.engine,
-                    self._old_for(int(version)),
-                    self.ref,
-                    x0[sub],
-                    self.policy.select(cond, sub),
-                    adv[sub],
-                    draw,
-                    self.loss_cfg,
-                    norm,
-                )
-                _inject_nan(self, loss)
-                total = loss if total is None else total + loss
-                out.append(m)
-            bad += self._backward(total, batch, stand_in)
-        return out, bad
-
-    @torch.no_grad()
-    def _improvement(self, batch: TrainBatch, keep: np.ndarray) -> float:
-        """``mean(A (E_new - E_old))`` on the first kept microbatch after the step (timestep 0).
-
-        Positive when the update moved likelihood towards high-advantage samples: the
-        policy-improvement signal the surrogate losses aim for (a check, not trained on).
-        """
-        if self.cfg.estimator != "elbo" or self.loss_cfg.prediction != "velocity":
-            return float("nan")
-        idx = np.flatnonzero(keep)[: self.cfg.microbatch_size]
-        if not idx.size:
-            return float("nan")
-        rows = torch.from_numpy(idx)
-        x0, adv = batch.x0[rows], batch.advantages[rows].float()
-        versions = batch.versions[idx]
-        cond = self.policy.encode_prompts([batch.prompts[i] for i in idx])
-        t, noise = self._draws(self._noise_ids(batch)[idx], batch.seed, tuple(x0.shape[1:]))
-        total = 0.0
-        for version in np.unique(versions):
-            sub = torch.from_numpy(np.flatnonzero(versions == version))
-            draw = make_noise_draw(x0[sub], t[sub, 0], self.loss_cfg, noise=noise[sub, 0])
-            cs = self.policy.select(cond, sub)
-            e_new = self._elbo(self.engine, x0[sub], cs, draw)
-            e_old = self._elbo(self._old_for(int(version)), x0[sub], cs, draw)
-            total += float((adv[sub] * (e_new - e_old)).sum())
-        return total / x0.shape[0]
-
-    def _elbo(self, model: Any, x0: Tensor, cond: Any, draw: NoiseDraw) -> Tensor:
-        return flow_elbo(
-            model,
-            x0,
-            cond,
-            draw,
-            weighting=cast(FlowWeighting, self.loss_cfg.weighting),
-            cfg_scale=self.loss_cfg.cfg_scale,
-        ).elbo
-
-    def _noise_ids(self, batch: TrainBatch) -> np.ndarray:
-        """What keys the ELBO draws: each sample, or (``group_shared_noise``) its prompt group."""
-        return batch.group_ids if self.cfg.group_shared_noise else batch.sample_ids
-
-    def _draws(
-        self, sample_ids: np.ndarray, seed: int, shape: tuple[int, ...]
-    ) -> tuple[Tensor, Tensor]:
-        """Per sample: K distinct sampler timesteps (B, K) and fresh eps (B, K, *shape)."""
-        k = self.cfg.num_timesteps
-        ts, eps = [], []
-        for sid in sample_ids:
-            g = torch.Generator().manual_seed(_mix(seed, int(sid)))
-            ts.append(select_sampler_timesteps(self.sigmas[:-1], 1, k, generator=g)[1][0])
-            eps.append(torch.randn((k, *shape), generator=g))
-        return torch.stack(ts), torch.stack(eps)
-
-    def _trajectory_microbatch(
-        self,
-        batch: TrainBatch,
-        rows: Tensor,
-        cond: Any,
-        adv: Tensor,
-        norm_samples: float,
-        stand_in: int,
-    ) -> tuple[list[dict[str, float]], int]:
-        if batch.trajectory is None or batch.log_probs is None:
-            raise ValueError("the trajectory estimator needs SDE rollouts with log-probs")
-        traj, logp = batch.trajectory[rows], batch.log_probs[rows]
-        steps = logp.shape[1]
-        norm = GlobalNormalizer(num_samples=norm_samples, num_timesteps=steps)
-        order = torch.stack(
-            [
-                torch.randperm(
-                    steps, generator=torch.Generator().manual_seed(_mix(batch.seed, int(s)))
-                )
-                for s in batch.sample_ids[rows.numpy()]
-            ]
-        )
-        out, bad = [], 0
-        for j in range(steps):
-            loss, m = flow_grpo_microbatch_loss(
-                self.engine,
-                self.ref,
-                traj,
-                self.sigmas,
-                logp,
-                order[:, j],
-                cond,
-                adv,
-                norm,
-                eta=self.sampling.eta,
-                clip_eps=self.cfg.clip_eps,
-                adv_clip_max=self.cfg.adv_clip,
-                beta=self.cfg.kl_beta,
-            )
-            _inject_nan(self, loss)
+        for loss, metrics in self.estimator.losses(self, batch, rows, norm_samples):
             bad += self._backward(loss, batch, stand_in)
-            out.append(m)
+            out += metrics
         return out, bad
 
     # ----------------------------------------------------------------- checkpoints
@@ -463,23 +307,3 @@ class LearnerEngine:
             m = copy.deepcopy(self.old)
             m.load_state_dict(sd)
             self.lagged[int(v)] = m
-
-
-def _mix(seed: int, sample_id: int) -> int:
-    """A 63-bit seed for one sample of one round (splitmix-style integer hash)."""
-    z = (seed * 0x9E3779B97F4A7C15 + sample_id + 1) & 0xFFFFFFFFFFFFFFFF
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
-    return (z ^ (z >> 31)) & 0x7FFFFFFFFFFFFFFF
-
-
-def _inject_nan(engine: LearnerEngine, loss: Tensor) -> None:
-    """Fault injection for the reliability tests: ``ELBORL_FAULT_NAN_LOSS`` lists learner
-    steps (1-based, comma-separated, or ``all``) whose losses become NaN. Unset: nothing."""
-    spec = os.environ.get("ELBORL_FAULT_NAN_LOSS")
-    if not spec:
-        return
-    step = int(engine.engine.global_steps) + 1
-    if spec == "all" or str(step) in spec.split(","):
-        with torch.no_grad():
-            loss.mul_(float("nan"))

@@ -32,6 +32,8 @@ class Policy(nn.Module, ABC):
     """A text-conditional generative policy over samples of shape ``sample_shape``."""
 
     prediction_type: ClassVar[PredictionType]
+    kind: ClassVar[str]  # the registered model kind (``policy/models.py``)
+    image_size: int  # side of the square RGB images ``to_images`` returns, in pixels
 
     @property
     @abstractmethod

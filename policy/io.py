@@ -1,59 +1,49 @@
-"""Building, saving and loading policies.
+"""Building, saving and loading policies of any registered model kind.
 
-A saved policy is a directory with ``config.json`` (what to build: kind, image size,
-architecture, tokenizer vocabulary, and the provenance of the weights) and
-``model.safetensors`` (the weights). Real models (SD3.5, FLUX, SD1.5) will load from their
-diffusers directory instead, selected by ``ModelConfig.kind``.
+A saved policy is a directory with ``config.json`` (its ``kind``, what the kind needs to
+rebuild the network, and the provenance of the weights) and ``model.safetensors`` (the
+weights). Real models (SD3.5, FLUX, SD1.5) will load from their diffusers directory instead,
+selected by ``ModelConfig.kind``.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any
 
 from safetensors.torch import load_file, save_file
 
 from policy.base import Policy
-from policy.tiny import TinyFlowPolicy
+from policy.config import ModelConfig
+from policy.models import kind_of, model_kind
 
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 
 
-def shapes_vocab() -> list[str]:
-    """Every word of the built-in ``shapes`` grammar (the tiny model's vocabulary)."""
-    from worlds.shapes.grammar import all_prompts
-
-    words = {w for p in all_prompts() for w in re.findall(r"[a-z0-9]+", p.text.lower())}
-    return sorted(words)
-
-
-def build_tiny(
-    image_size: int, arch: dict[str, Any], vocab: list[str] | None = None
-) -> TinyFlowPolicy:
-    """A freshly initialised tiny policy (``arch`` as in ``TinyArchConfig``)."""
-    return TinyFlowPolicy(vocab or shapes_vocab(), image_size=image_size, **arch)
+def build_policy(model: ModelConfig, image_size: int, vocabulary: list[str]) -> Policy:
+    """A freshly initialised policy of ``model.kind`` with ``model.arch``."""
+    kind = model_kind(model.kind)
+    if kind.build is None:
+        raise ValueError(f"model kind {model.kind!r} cannot be built from scratch")
+    return kind.build(model.arch_settings(), image_size, vocabulary)
 
 
 def save_policy(policy: Policy, directory: str | Path, provenance: dict[str, Any]) -> Path:
     """Write ``config.json`` and ``model.safetensors`` atomically-enough (weights last)."""
-    if not isinstance(policy, TinyFlowPolicy):
-        raise TypeError(f"saving {type(policy).__name__} is not supported yet")
+    name = kind_of(policy)
+    kind = model_kind(name)
+    if kind.save is None:
+        raise TypeError(f"saving a {name!r} policy is not supported")
+    meta, state = kind.save(policy)
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {
-        "kind": "tiny",
-        "image_size": policy.image_size,
-        "arch": policy.arch,
-        "vocab": policy.tokenizer.vocab[3:],
-        "provenance": provenance,
-    }
-    state = {k: v.detach().contiguous().cpu() for k, v in policy.state_dict().items()}
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     tmp = out / (WEIGHTS_NAME + ".tmp")
-    save_file(state, str(tmp))
+    save_file(tensors, str(tmp))
     tmp.replace(out / WEIGHTS_NAME)
-    (out / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+    record = {"kind": name, **meta, "provenance": provenance}
+    (out / CONFIG_NAME).write_text(json.dumps(record, indent=2) + "\n")
     return out
 
 
@@ -72,12 +62,14 @@ def read_policy_meta(directory: str | Path) -> dict[str, Any]:
     return meta
 
 
-def load_policy(directory: str | Path) -> TinyFlowPolicy:
+def load_policy(directory: str | Path) -> Policy:
     """Rebuild a saved policy and load its weights (strictly: every tensor must match)."""
     meta = read_policy_meta(directory)
-    if meta.get("kind") != "tiny":
-        raise ValueError(f"{directory}: unsupported model kind {meta.get('kind')!r} (known: tiny)")
-    policy = build_tiny(meta["image_size"], meta["arch"], meta["vocab"])
+    try:
+        kind = model_kind(str(meta.get("kind")))
+    except ValueError as exc:
+        raise ValueError(f"{directory}: {exc}") from None
+    policy = kind.load(Path(directory), meta)
     weights = Path(directory) / WEIGHTS_NAME
     try:
         state = load_file(str(weights))

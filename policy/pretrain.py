@@ -1,11 +1,12 @@
-"""Supervised flow-matching pretraining of the base policy on rendered ``shapes`` images.
+"""Supervised flow-matching pretraining of the base policy on its world's images.
 
-Component layer (no Ray). Each step renders a fresh batch of correct images for random
-training prompts, draws ``t ~ U(0, 1)`` and ``eps ~ N(0, I)``, and regresses the velocity
-on its target: ``L = mean((v_theta(x_t, t, c) - (eps - x0))^2)`` with
-``x_t = (1 - t) x0 + t eps`` (rectified flow; DESIGN.md section 1). A fraction of prompts is
-replaced by the empty prompt so that classifier-free guidance is available. The saved
-weights are an exponential moving average of the trained ones.
+Component layer (no Ray). Each step takes a fresh batch of (caption, image) pairs from the
+world (``World.pretraining_batch``: for ``shapes``, correct renders of training prompts),
+draws ``t ~ U(0, 1)`` and ``eps ~ N(0, I)``, and regresses the velocity on its target:
+``L = mean((v_theta(x_t, t, c) - (eps - x0))^2)`` with ``x_t = (1 - t) x0 + t eps``
+(rectified flow; DESIGN.md section 1). A fraction of prompts is replaced by the empty prompt
+so that classifier-free guidance is available. The saved weights are an exponential moving
+average of the trained ones.
 """
 
 from __future__ import annotations
@@ -23,11 +24,9 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from policy.tiny import TinyFlowPolicy
-from rollout.evaluate import evaluate
-from services.config import EvalConfig, PretrainConfig
-from worlds.shapes.grammar import ShapesPrompt
-from worlds.shapes.render import render_batch
+from policy.base import Policy
+from policy.config import PretrainConfig
+from worlds.base import World
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +41,7 @@ class PretrainState:
     evals: list[dict[str, Any]] = field(default_factory=list)
 
 
-def flow_matching_loss(
-    policy: TinyFlowPolicy, x0: Tensor, cond: Tensor, g: torch.Generator
-) -> Tensor:
+def flow_matching_loss(policy: Policy, x0: Tensor, cond: Tensor, g: torch.Generator) -> Tensor:
     """Mean squared velocity error over batch and all sample dimensions."""
     t = torch.rand(x0.shape[0], generator=g)  # (B,)
     eps = torch.randn(x0.shape, generator=g)  # (B, C, H, W)
@@ -60,16 +57,24 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
         pe.lerp_(pm, 1 - decay)
 
 
+EvalFn = Callable[[Policy], dict[str, Any]]
+"""Held-out evaluation of a policy: its summary (``accuracy``, ``mean_reward``, ...)."""
+
+
 def pretrain(
-    policy: TinyFlowPolicy,
-    prompts: list[ShapesPrompt],
-    eval_prompts: list[ShapesPrompt],
+    policy: Policy,
+    world: World,
+    prompts: list[str],
     cfg: PretrainConfig,
-    eval_cfg: EvalConfig,
     seed: int,
+    evaluate: EvalFn | None = None,
     on_eval: Callable[[PretrainState], None] | None = None,
-) -> tuple[TinyFlowPolicy, PretrainState]:
-    """Train ``policy`` in place; return its EMA copy (the model to save) and the final state."""
+) -> tuple[Policy, PretrainState]:
+    """Train ``policy`` in place; return its EMA copy (the model to save) and the final state.
+
+    ``evaluate`` (e.g. ``rollout.evaluate`` on the held-out prompts) runs on the EMA copy every
+    ``cfg.eval_every`` steps and when the time budget ends.
+    """
     torch.manual_seed(seed)
     rng, g = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
     ema = copy.deepcopy(policy).requires_grad_(False).eval()
@@ -78,7 +83,7 @@ def pretrain(
     bar = tqdm(total=cfg.steps, desc="pretrain", unit="step", dynamic_ncols=True)
     policy.train()
     while state.step < cfg.steps:
-        loss = _train_step(policy, opt, prompts, cfg, rng, g, state.step)
+        loss = _train_step(policy, world, opt, prompts, cfg, rng, g, state.step)
         ema_update(ema, policy, min(cfg.ema_decay, (1 + state.step) / (10 + state.step)))
         state.step += 1
         state.seconds = time.monotonic() - start
@@ -86,8 +91,9 @@ def pretrain(
         bar.update(1)
         bar.set_postfix(loss=f"{state.loss_ema:.4f}")
         out_of_time = cfg.max_minutes is not None and state.seconds > 60 * cfg.max_minutes
-        if (cfg.eval_every and state.step % cfg.eval_every == 0) or out_of_time:
-            _quick_eval(ema, eval_prompts, eval_cfg, seed, state, on_eval)
+        due = (cfg.eval_every and state.step % cfg.eval_every == 0) or out_of_time
+        if due and evaluate is not None:
+            _quick_eval(ema, evaluate, state, on_eval)
         if out_of_time:
             log.info(
                 "pretrain: time budget of %.1f min reached at step %d", cfg.max_minutes, state.step
@@ -98,17 +104,18 @@ def pretrain(
 
 
 def _train_step(
-    policy: TinyFlowPolicy,
+    policy: Policy,
+    world: World,
     opt: torch.optim.Optimizer,
-    prompts: list[ShapesPrompt],
+    prompts: list[str],
     cfg: PretrainConfig,
     rng: np.random.Generator,
     g: torch.Generator,
     step: int,
 ) -> float:
-    batch = balanced_batch(prompts, rng, cfg.batch_size)
-    x0 = policy.from_images(render_batch(batch, rng))
-    texts = ["" if rng.random() < cfg.prompt_dropout else p.text for p in batch]
+    captions, images = world.pretraining_batch(prompts, cfg.batch_size, rng)
+    x0 = policy.from_images(images)
+    texts = ["" if rng.random() < cfg.prompt_dropout else c for c in captions]
     for group in opt.param_groups:
         group["lr"] = learning_rate(cfg, step)
     loss = flow_matching_loss(policy, x0, policy.encode_prompts(texts), g)
@@ -131,31 +138,13 @@ def learning_rate(cfg: PretrainConfig, step: int) -> float:
     return cfg.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
-def balanced_batch(
-    prompts: list[ShapesPrompt], rng: np.random.Generator, size: int
-) -> list[ShapesPrompt]:
-    """``size`` prompts drawn with each prompt kind (count, relation) equally likely.
-
-    Relation prompts outnumber count prompts ~18:1 in the grammar; sampling uniformly would
-    leave counting nearly untrained.
-    """
-    kinds: dict[type, list[ShapesPrompt]] = {}
-    for p in prompts:
-        kinds.setdefault(type(p), []).append(p)
-    groups = list(kinds.values())
-    which = rng.integers(0, len(groups), size)
-    return [groups[k][rng.integers(0, len(groups[k]))] for k in which]
-
-
 def _quick_eval(
-    ema: TinyFlowPolicy,
-    prompts: list[ShapesPrompt],
-    eval_cfg: EvalConfig,
-    seed: int,
+    ema: Policy,
+    evaluate: EvalFn,
     state: PretrainState,
     on_eval: Callable[[PretrainState], None] | None,
 ) -> None:
-    summary = evaluate(ema, prompts, eval_cfg, seed=seed + 1).summary
+    summary = evaluate(ema)
     state.evals.append({"step": state.step, "seconds": round(state.seconds, 1), **summary})
     log.info(
         "pretrain step %d (%.0f s): loss %.4f, held-out accuracy %.3f, mean reward %.3f",

@@ -15,15 +15,18 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import ClassVar
+from pathlib import Path
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import UNet2DConditionModel
+from pydantic import Field
 from torch import Tensor, nn
 
+from common.config import PositiveInt, Section
 from policy.base import Policy, PredictionType, images_to_unit, unit_to_images
+from policy.models import MODELS, ModelKind
 
 PAD, BOS, UNK = "<pad>", "<bos>", "<unk>"
 MAX_TOKENS = 16
@@ -66,10 +69,25 @@ class PromptEncoder(nn.Module):
         return self.norm(h), mask
 
 
+class TinyArchConfig(Section):
+    """Architecture of the built-in tiny text-conditional flow model (pixel space)."""
+
+    channels: tuple[PositiveInt, ...] = Field(
+        (32, 64, 64), description="UNet block widths (channels) from the top level down."
+    )
+    layers_per_block: PositiveInt = Field(1, description="ResNet layers per UNet block.")
+    text_dim: PositiveInt = Field(64, description="Width of the word-level prompt encoder.")
+    text_layers: PositiveInt = Field(2, description="Transformer layers in the prompt encoder.")
+    pack: PositiveInt = Field(
+        2, description="Pixel-unshuffle factor: an HxW RGB image is modelled as (3p^2, H/p, W/p)."
+    )
+
+
 class TinyFlowPolicy(Policy):
     """Velocity-predicting pixel-space policy for the built-in ``shapes`` world."""
 
     prediction_type: ClassVar[PredictionType] = "flow"
+    kind: ClassVar[str] = "tiny"
 
     def __init__(
         self,
@@ -95,6 +113,8 @@ class TinyFlowPolicy(Policy):
             "pack": pack,
         }
         self.text = PromptEncoder(len(self.tokenizer.vocab), text_dim, text_layers)
+        from diffusers import UNet2DConditionModel  # heavy: imported when a model is built
+
         n = len(channels)
         self.unet = UNet2DConditionModel(
             sample_size=image_size // pack,
@@ -130,3 +150,28 @@ class TinyFlowPolicy(Policy):
 
     def from_images(self, images: np.ndarray) -> Tensor:
         return images_to_unit(images).to(self.text.pos.device)
+
+
+def _build(arch: TinyArchConfig, image_size: int, vocabulary: list[str]) -> TinyFlowPolicy:
+    if image_size % arch.pack:
+        raise ValueError(
+            f"world.image_size = {image_size} must be a multiple of model.arch.pack = {arch.pack}"
+        )
+    return TinyFlowPolicy(vocabulary, image_size=image_size, **arch.model_dump())
+
+
+def _load(directory: Path, meta: dict[str, Any]) -> TinyFlowPolicy:
+    return TinyFlowPolicy(meta["vocab"], image_size=meta["image_size"], **meta["arch"])
+
+
+def _save(policy: Policy) -> tuple[dict[str, Any], dict[str, Any]]:
+    assert isinstance(policy, TinyFlowPolicy)
+    meta = {
+        "image_size": policy.image_size,
+        "arch": policy.arch,
+        "vocab": policy.tokenizer.vocab[3:],
+    }
+    return meta, policy.state_dict()
+
+
+MODELS.add("tiny", ModelKind(arch_config=TinyArchConfig, build=_build, load=_load, save=_save))

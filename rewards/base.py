@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from algo.registry import Registry
+
 
 @dataclass(frozen=True)
 class RewardOutput:
@@ -54,17 +56,28 @@ class Reward(ABC):
             raise ValueError(f"{images.shape[0]} images but {len(prompts)} prompts")
 
 
-_REGISTRY: dict[str, Callable[[], Reward]] = {}
+REWARDS: Registry[Callable[[], Reward]] = Registry("reward", "rewards.functions[].name")
+"""Built-in rewards by name (a factory each); the worlds' own rewards are added on first use."""
 
 
 def register(name: str) -> Callable[[Callable[[], Reward]], Callable[[], Reward]]:
     """Class decorator: make a reward constructible by name from the config."""
+    return REWARDS.register(name)
 
-    def deco(factory: Callable[[], Reward]) -> Callable[[], Reward]:
-        _REGISTRY[name] = factory
-        return factory
 
-    return deco
+_BUILTIN_MODULES = ("rewards.builtin",)
+
+
+def _builtin() -> Registry[Callable[[], Reward]]:
+    """The registry with the built-in rewards (imported by name on first use) in it."""
+    for module in _BUILTIN_MODULES:
+        importlib.import_module(module)
+    return REWARDS
+
+
+def reward_names() -> tuple[str, ...]:
+    """Every reward name a config may use without an import path."""
+    return _builtin().names()
 
 
 def build_reward(name: str, params: dict[str, Any] | None = None) -> Reward:
@@ -74,20 +87,13 @@ def build_reward(name: str, params: dict[str, Any] | None = None) -> Reward:
     class must subclass ``Reward`` and be importable on every node (e.g. shipped in the Ray
     job's ``working_dir`` or installed).
     """
-    import rewards.builtin  # noqa: F401  (registers the built-in rewards)
-
-    if name in _REGISTRY:
-        return _REGISTRY[name]()
-    module_name, sep, attr = name.partition(":")
-    if not sep:
-        raise ValueError(f"unknown reward {name!r}; registered: {', '.join(sorted(_REGISTRY))}")
-    try:
-        factory = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise ValueError(f"reward {name!r} cannot be imported: {exc}") from exc
+    registry = _builtin()
+    if name in registry:
+        return registry.get(name)()
+    factory = registry.get(name)  # a `module:Class` path, imported (ValueError if unknown)
     if not (isinstance(factory, type) and issubclass(factory, Reward)):
         raise ValueError(f"reward {name!r} is not a rewards.base.Reward subclass")
     reward = factory(**(params or {}))
     if not getattr(reward, "name", None):
-        reward.name = attr
+        reward.name = name.partition(":")[2]
     return reward

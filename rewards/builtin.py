@@ -1,51 +1,46 @@
-"""Rewards that need nothing downloaded: the ``shapes`` verifier and JPEG (in)compressibility."""
+"""Rewards that need nothing downloaded: each world's own (the ``shapes`` verifier's
+partial and strict scores) and DDPO's JPEG (in)compressibility."""
 
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from PIL import Image
 
 from rewards.base import Reward, RewardOutput, register
-from worlds.shapes.verify import verify
+from worlds.base import World, world_class, world_names
 
 
-@register("shapes")
-class ShapesReward(Reward):
-    """GenEval-style verifier: the fraction of the prompt's clauses the image satisfies."""
+class WorldReward(Reward):
+    """A world's own reward (e.g. `shapes`, `shapes_strict`): a score from each image's
+    verdict (``World.verify``). The verdict's ``passed`` is kept for the accuracy metrics."""
 
-    name = "shapes"
-    range = (0.0, 1.0)
-
-    def score(self, images: np.ndarray, prompts: Sequence[str]) -> RewardOutput:
-        self.check_batch(images, prompts)
-        results = [verify(img, p) for img, p in zip(images, prompts, strict=True)]
-        return RewardOutput(
-            scores=np.array([r.score for r in results], dtype=np.float64),
-            details=[{"passed": r.passed, "clauses": dict(r.clauses)} for r in results],
-        )
-
-
-@register("shapes_strict")
-class ShapesStrictReward(Reward):
-    """GenEval's own criterion as a reward: 1 when the image passes every clause, else 0.
-
-    Mixed with the partial-credit ``shapes`` reward it aligns training with the accuracy
-    metric (the partial score alone can rise while all-clause accuracy falls).
-    """
-
-    name = "shapes_strict"
-    range = (0.0, 1.0)
+    def __init__(self, world: World, name: str):
+        self.world, self.name = world, name
+        self._score = type(world).rewards[name]
+        self.range = (0.0, 1.0)
 
     def score(self, images: np.ndarray, prompts: Sequence[str]) -> RewardOutput:
         self.check_batch(images, prompts)
-        results = [verify(img, p) for img, p in zip(images, prompts, strict=True)]
+        verdicts = self.world.verify(images, prompts)
         return RewardOutput(
-            scores=np.array([float(r.passed) for r in results]),
-            details=[{"passed": r.passed} for r in results],
+            scores=np.array([self._score(v) for v in verdicts], dtype=np.float64),
+            details=[{"passed": v.passed, "clauses": dict(v.clauses)} for v in verdicts],
         )
+
+
+def _world_reward_factory(world: str, name: str) -> Callable[[], Reward]:
+    def make() -> Reward:
+        return WorldReward(world_class(world)(), name)
+
+    return make
+
+
+for _world in world_names():  # every world's own rewards, under the names the world gives
+    for _name in world_class(_world).rewards:
+        register(_name)(_world_reward_factory(_world, _name))
 
 
 def jpeg_kilobytes(image: np.ndarray, quality: int = 95) -> float:

@@ -13,11 +13,11 @@ from typing import Protocol
 import numpy as np
 
 from rewards.base import build_reward
-from services.config import RewardSpec
+from rewards.config import RewardSpec
 
 
 class RolloutImagesLike(Protocol):
-    """The fields of ``rollout.worker.RolloutImages`` the scorer reads (read-only)."""
+    """The fields of ``rollout.engine.RolloutImages`` the scorer reads (read-only)."""
 
     @property
     def sample_ids(self) -> np.ndarray: ...

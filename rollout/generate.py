@@ -14,9 +14,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from algo.samplers import sample
+from algo.seeds import image_seed, sde_seed
 from policy.base import Policy, guided_fn
-from rollout.samplers import sample
-from services.config import SamplingConfig
+from rollout.config import SamplingConfig
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,7 @@ def initial_noise(shape: tuple[int, ...], count: int, seed: int) -> Tensor:
     """Standard normal noise (count, *shape); image ``i`` uses its own ``(seed, i)`` stream."""
     out = torch.empty(count, *shape)
     for i in range(count):
-        g = torch.Generator().manual_seed(seed * 1_000_003 + i)
+        g = torch.Generator().manual_seed(image_seed(seed, i))
         out[i] = torch.randn(shape, generator=g)
     return out
 
@@ -56,7 +57,7 @@ def generate(
         raise ValueError("generate() needs at least one prompt")
     device = next(policy.parameters()).device
     noise = initial_noise(policy.sample_shape, len(prompts), seed)
-    sde_gen = torch.Generator().manual_seed(seed + 7)
+    sde_gen = torch.Generator().manual_seed(sde_seed(seed))
     chunks: list[tuple[Tensor, Tensor | None, Tensor | None]] = []
     for start in range(0, len(prompts), batch_size):
         batch = list(prompts[start : start + batch_size])

@@ -4,25 +4,28 @@ Each actor builds its component from the config sub-tree it needs and forwards c
 moves between actors as ObjectRefs: a rollout's images go straight to a reward actor, its
 samples straight to a learner rank; the driver only moves small things (rewards,
 advantages, metrics) and the few images it logs.
+
+The classes are plain Python; ``services.roles`` makes them Ray actors (``ray.remote``) when
+it starts a role, so a test can start a subclass of one instead (e.g. a learner whose engine
+makes a loss non-finite at a given step) without any hook in the library.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import ray
 import torch
 
-from services.config import (
-    EvalConfig,
-    LearnerConfig,
-    ModelConfig,
-    RewardSpec,
-    SamplingConfig,
-)
+from learner.config import LearnerConfig
+from policy.config import ModelConfig
+from rewards.config import RewardSpec
+from rollout.config import EvalConfig, SamplingConfig
+from worlds.base import WorldConfig
 
 
 def _threads(num: int) -> None:
@@ -41,43 +44,52 @@ def _load_policy(model: ModelConfig, with_lora: bool) -> Any:
     return add_lora(policy, model.lora) if with_lora and model.lora.rank > 0 else policy
 
 
-@ray.remote
-class RolloutWorker:
+class Actor:
+    """What every role's actor answers: where it runs."""
+
+    def node_id(self) -> str:
+        return str(ray.get_runtime_context().get_node_id())
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+class RolloutWorker(Actor):
     """Holds the sampling policy; generates K-image groups tagged with its version."""
 
-    def __init__(self, model: ModelConfig, sampling: SamplingConfig, threads: int):
-        from rollout.worker import RolloutEngine
+    def __init__(
+        self, model: ModelConfig, sampling: SamplingConfig, world: WorldConfig, threads: int
+    ):
+        from rollout.engine import RolloutEngine
+        from worlds.base import make_world
 
         _threads(threads)
         self.engine = RolloutEngine(_load_policy(model, with_lora=True), sampling)
+        self.world = make_world(world)
 
-    def node_id(self) -> str:
-        return ray.get_runtime_context().get_node_id()
-
-    def load_weights(self, state: dict[str, np.ndarray], version: int) -> dict[str, Any]:
+    def load_weights(self, state: dict[str, np.ndarray], version: int) -> Any:
         """Load a published weight dict (resolved from its ObjectRef, zero-copy)."""
         return self.engine.load_weights(state, version)
 
     @ray.method(num_returns=3)
     def generate(
         self, prompts: list[str], sample_ids: np.ndarray, group_ids: np.ndarray, seed: int
-    ) -> tuple[dict[str, Any], Any, Any]:
-        """Three ObjectRefs: a small receipt (count, version, seconds) the driver reads to learn
-        that the rollout succeeded, RolloutImages for rewards, RolloutSamples for the learner."""
+    ) -> tuple[Any, Any, Any]:
+        """Three ObjectRefs: a small ``RolloutReceipt`` the driver reads to learn that the
+        rollout succeeded, ``RolloutImages`` for rewards, ``RolloutSamples`` for the learner."""
+        from rollout.engine import RolloutReceipt
+
         images, samples = self.engine.generate(prompts, sample_ids, group_ids, seed)
-        receipt = {"count": len(prompts), "version": images.version, "seconds": images.seconds}
-        return receipt, images, samples
+        return RolloutReceipt(len(prompts), images.version, images.seconds), images, samples
 
     def evaluate(
         self, state: dict[str, np.ndarray] | None, prompts: list[str], cfg: EvalConfig, seed: int
     ) -> Any:
-        from worlds.shapes.grammar import parse_prompt
+        """An ``EvalResult`` of ``state`` (e.g. the current weights) on held-out prompts."""
+        return self.engine.evaluate(state, self.world, prompts, cfg, seed)
 
-        return self.engine.evaluate(state, [parse_prompt(p) for p in prompts], cfg, seed)
 
-
-@ray.remote
-class RewardWorker:
+class RewardWorker(Actor):
     """Scores rollout images with the configured weighted rewards."""
 
     def __init__(self, specs: list[RewardSpec], threads: int):
@@ -86,28 +98,20 @@ class RewardWorker:
         _threads(threads)
         self.scorer = RewardScorer(specs)
 
-    def pid(self) -> int:
-        return os.getpid()
-
-    def node_id(self) -> str:
-        return ray.get_runtime_context().get_node_id()
-
     def score(self, images: Any) -> Any:
         """Score one ``RolloutImages`` (passed by ObjectRef from the rollout worker)."""
         return self.scorer.score(images)
 
 
-@ray.remote
-class LearnerWorker:
+class LearnerWorker(Actor):
     """One rank of the DeepSpeed learner group."""
+
+    engine_class: Any = None  # ``learner.engine.LearnerEngine`` unless a subclass says otherwise
 
     def __init__(self, rank: int, world_size: int, threads: int):
         _threads(threads)
         self.rank, self.world_size = rank, world_size
         self.engine: Any = None
-
-    def node_id(self) -> str:
-        return ray.get_runtime_context().get_node_id()
 
     def rendezvous(self) -> tuple[str, int]:
         """(address, free port) for the process group; asked of rank 0."""
@@ -138,7 +142,8 @@ class LearnerWorker:
         )
         os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
         torch.manual_seed(seed)
-        self.engine = LearnerEngine(
+        engine_class = self.engine_class or LearnerEngine
+        self.engine = engine_class(
             _load_policy(model, with_lora=False), cfg, sampling, seed, lora=model.lora
         )
         return True
@@ -157,7 +162,7 @@ class LearnerWorker:
         reward was invalid or never came (``keep`` False) are left out of the loss.
         ``total_kept`` counts the kept samples over all ranks (the loss normaliser).
         """
-        from learner.engine import TrainBatch
+        from learner.batch import TrainBatch
 
         chunks = ray.get(sample_refs)
         traj = [c.trajectory for c in chunks]
@@ -175,26 +180,27 @@ class LearnerWorker:
             keep=np.asarray(keep, dtype=bool),
             total_kept=int(total_kept),
         )
-        return self.engine.train_step(batch)
+        out: dict[str, float] = self.engine.train_step(batch)
+        return out
 
     @ray.method(num_returns=2)
-    def publish_weights(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        """(meta, state): the state becomes one object every rollout worker reads."""
+    def publish_weights(self) -> tuple[Any, dict[str, np.ndarray]]:
+        """(``PublishedWeights``, state): the state becomes one object every rollout worker
+        reads."""
+        from learner.engine import PublishedWeights
+
         version, state, crc = self.engine.sampling_state()
         nbytes = sum(v.nbytes for v in state.values())
-        return {"version": version, "checksum": crc, "bytes": nbytes}, state
+        return PublishedWeights(version, crc, nbytes), state
 
     def current_state(self) -> dict[str, np.ndarray]:
-        return self.engine.current_state()
+        out: dict[str, np.ndarray] = self.engine.current_state()
+        return out
 
     def save(self, directory: str) -> bool:
-        from pathlib import Path
-
         self.engine.save(Path(directory))
         return True
 
     def load(self, directory: str) -> int:
-        from pathlib import Path
-
         self.engine.load(Path(directory))
         return int(self.engine.version)

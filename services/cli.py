@@ -106,7 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
         "named by service.token_env (default ELBORL_TOKEN) or service.token_file.",
     )
     _add_config_args(p)
-    p.add_argument("--runs-dir", metavar="DIR", help="runs to serve (default: runs_dir)")
+    p.add_argument(
+        "--runs-dir",
+        metavar="DIR",
+        help="runs to serve (default: $ELBORL_RUNS_DIR, else the config's runs_dir)",
+    )
     p.add_argument("--host", help="bind address (default: service.host, 127.0.0.1)")
     p.add_argument("--port", type=int, help="TCP port (default: service.port, 8470; 0 = any)")
     p.set_defaults(func=_cmd_serve)
@@ -147,7 +151,7 @@ def _cmd_serve(args: argparse.Namespace, cfg: RunConfig) -> int:
     from services.api.server import ApiServer
 
     token = load_token(cfg.service)
-    runs_dir = Path(args.runs_dir or cfg.runs_dir)
+    runs_dir = Path(args.runs_dir) if args.runs_dir else cfg.runs_root()
     if not runs_dir.is_dir():
         raise ConfigError(f"--runs-dir {runs_dir}: no such directory")
     port = cfg.service.port if args.port is None else args.port

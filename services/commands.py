@@ -16,24 +16,10 @@ from typing import Any
 import torch
 
 from services.config import ConfigError, RunConfig
-from worlds.shapes.grammar import ShapesPrompt, load_prompt_file, split_prompts
+from services.prompts import resolve_prompts
+from worlds.base import make_world
 
 log = logging.getLogger("elborl")
-SPLITS = ("train", "heldout", "all")
-
-
-def resolve_prompts(spec: str, field: str) -> list[ShapesPrompt]:
-    """Prompts named by a config value: a split name or a prompts file path."""
-    if spec in SPLITS:
-        return split_prompts(spec)
-    if not Path(spec).exists():
-        raise ConfigError(
-            f"{field} = {spec!r} is neither a split ({', '.join(SPLITS)}) nor an existing file"
-        )
-    try:
-        return load_prompt_file(spec)
-    except ValueError as exc:
-        raise ConfigError(f"{field}: {exc}") from exc
 
 
 def _git_commit() -> str | None:
@@ -60,19 +46,28 @@ def run_pretrain(
     cfg: RunConfig, output: str | None, config_path: str | None, overrides: list[str]
 ) -> int:
     """``elborl pretrain``: train the base policy from scratch and save its EMA weights."""
-    from policy.io import build_tiny, save_policy
+    from policy.io import build_policy, save_policy
     from policy.pretrain import pretrain
+    from rollout.evaluate import evaluate
 
     _setup_torch()
     out = Path(output or cfg.pretrain.output)
-    train = resolve_prompts(cfg.world.train_prompts, "world.train_prompts")
-    heldout = resolve_prompts(cfg.world.eval_prompts, "world.eval_prompts")
-    policy = build_tiny(cfg.world.image_size, cfg.model.arch.model_dump())
+    world = make_world(cfg.world)
+    train = resolve_prompts(world, cfg.world.train_prompts, "world.train_prompts")
+    heldout = resolve_prompts(world, cfg.world.eval_prompts, "world.eval_prompts")
+    try:
+        policy = build_policy(cfg.model, cfg.world.image_size, world.vocabulary())
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
     nparams = sum(p.numel() for p in policy.parameters())
     log.info(
         "pretraining a %.2f M-parameter policy on %d prompts -> %s", nparams / 1e6, len(train), out
     )
-    ema, state = pretrain(policy, train, heldout, cfg.pretrain, cfg.eval, seed=cfg.seed)
+
+    def held_out(model: Any) -> dict[str, Any]:
+        return evaluate(model, world, heldout, cfg.eval, seed=cfg.seed + 1).summary
+
+    ema, state = pretrain(policy, world, train, cfg.pretrain, seed=cfg.seed, evaluate=held_out)
     provenance: dict[str, Any] = {
         "command": " ".join(
             [
@@ -118,10 +113,11 @@ def run_eval(cfg: RunConfig, args: argparse.Namespace) -> int:
     checkpoint = args.checkpoint or cfg.model.checkpoint
     if not checkpoint:
         raise ConfigError("no checkpoint: pass --checkpoint DIR or set model.checkpoint")
+    world = make_world(cfg.world)
     prompts = (
-        resolve_prompts(args.prompts, "--prompts")
+        resolve_prompts(world, args.prompts, "--prompts")
         if args.prompts
-        else resolve_prompts(cfg.world.eval_prompts, "world.eval_prompts")
+        else resolve_prompts(world, cfg.world.eval_prompts, "world.eval_prompts")
     )
     try:
         policy = load_policy(checkpoint)
@@ -137,7 +133,7 @@ def run_eval(cfg: RunConfig, args: argparse.Namespace) -> int:
     )
     seed = cfg.seed if args.seed is None else args.seed
     start = time.monotonic()
-    report = evaluate(policy, prompts, eval_cfg, seed=seed)
+    report = evaluate(policy, world, prompts, eval_cfg, seed=seed)
     summary = {
         **report.summary,
         "checkpoint": str(checkpoint),

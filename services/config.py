@@ -1,11 +1,14 @@
-"""The one typed configuration tree of an elborl run.
+"""The one typed configuration tree of an elborl run, composed from the components' own.
 
 Every run (pretraining, RL training, evaluation) is described by one ``RunConfig`` loaded
 from a YAML file in ``configs/`` and optionally overridden from the command line with
-``--set section.field=value``. All models are frozen and forbid unknown keys, so a typo is
-an error before any work starts rather than a silently ignored setting. Cross-field checks
-(sizes that must divide, timesteps that must exist) live in ``RunConfig._check_sizes``, the
-one place derived sizes are computed.
+``--set section.field=value``. Each section's model lives beside its component
+(``worlds/``, ``policy/config.py``, ``rollout/config.py``, ``rewards/config.py``,
+``learner/config.py``); this module adds the loop's own sections (``train``, ``faults``,
+``service``), composes the tree, and checks what spans components (sizes that must divide,
+timesteps that must exist) in ``RunConfig._check_sizes``, the one place derived sizes are
+computed. All models are frozen and forbid unknown keys, so a typo is an error before any
+work starts rather than a silently ignored setting.
 
 Loading errors are raised as ``ConfigError`` whose message names the file, the line where
 the YAML has one, the dotted field and what is allowed.
@@ -14,289 +17,48 @@ the YAML has one, the dotted field and what is allowed.
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
-PositiveInt = Annotated[int, Field(gt=0)]
+from common.config import PositiveInt, Resources, Section
+from learner.config import LearnerConfig
+from learner.estimators import ESTIMATORS
+from policy.config import LoraConfig, ModelConfig, PretrainConfig
+from rewards.config import RewardsConfig, RewardSpec
+from rollout.config import EvalConfig, RolloutConfig, SamplingConfig
+from worlds.base import world_names
+from worlds.shapes.world import ShapesConfig
 
+_Section = Section
+RUNS_DIR_ENV = "ELBORL_RUNS_DIR"
+"""Environment variable naming the persistent root of run directories (beats `runs_dir`)."""
 
-class _Section(BaseModel):
-    """Base of every config section: frozen, unknown keys rejected, types not coerced loosely."""
+__all__ = [
+    "RUNS_DIR_ENV",
+    "ConfigError",
+    "EvalConfig",
+    "FaultsConfig",
+    "LearnerConfig",
+    "LoraConfig",
+    "ModelConfig",
+    "PretrainConfig",
+    "Resources",
+    "RewardSpec",
+    "RewardsConfig",
+    "RolloutConfig",
+    "RunConfig",
+    "SamplingConfig",
+    "ServiceConfig",
+    "TrainConfig",
+    "WorldConfig",
+    "load_config",
+]
 
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
-
-
-class Resources(_Section):
-    """Ray resources one actor of a role reserves (fractions allowed)."""
-
-    num_cpus: float = Field(
-        1.0, ge=0, description="CPU cores reserved per actor (Ray logical CPUs)."
-    )
-    num_gpus: float = Field(
-        0.0, ge=0, description="GPUs reserved per actor; fractional shares a GPU."
-    )
-    custom: dict[str, float] = Field(
-        default_factory=dict,
-        description="Extra Ray custom resources per actor, e.g. {'rollout_node': 1} to pin a role.",
-    )
-    torch_threads: int | None = Field(
-        None, gt=0, description="torch intra-op threads per actor; null = ceil(num_cpus), min 1."
-    )
-
-
-class WorldConfig(_Section):
-    """The task world: where prompts come from and how images are judged."""
-
-    name: Literal["shapes"] = Field("shapes", description="Built-in world; only `shapes` so far.")
-    image_size: PositiveInt = Field(32, description="Side of the square RGB images, in pixels.")
-    train_prompts: str = Field(
-        "train",
-        description="Prompts for training: a split name (`train`, `heldout`, `all`) or a path to "
-        "a text file with one prompt per line.",
-    )
-    eval_prompts: str = Field(
-        "heldout", description="Prompts for held-out evaluation: split name or file path."
-    )
-
-
-class LoraConfig(_Section):
-    """Low-rank adapters on the attention projections (peft); rank 0 trains all weights."""
-
-    rank: int = Field(0, ge=0, description="LoRA rank r; 0 disables LoRA (full fine-tuning).")
-    alpha: int = Field(0, ge=0, description="LoRA alpha; scale is alpha / rank. 0 means 2 * rank.")
-    target_modules: list[str] = Field(
-        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"],
-        description="Module name suffixes that receive adapters.",
-    )
-
-
-class TinyArchConfig(_Section):
-    """Architecture of the built-in tiny text-conditional flow model (pixel space)."""
-
-    channels: tuple[PositiveInt, ...] = Field(
-        (32, 64, 64), description="UNet block widths (channels) from the top level down."
-    )
-    layers_per_block: PositiveInt = Field(1, description="ResNet layers per UNet block.")
-    text_dim: PositiveInt = Field(64, description="Width of the word-level prompt encoder.")
-    text_layers: PositiveInt = Field(2, description="Transformer layers in the prompt encoder.")
-    pack: PositiveInt = Field(
-        2, description="Pixel-unshuffle factor: an HxW RGB image is modelled as (3p^2, H/p, W/p)."
-    )
-
-
-class ModelConfig(_Section):
-    """Which policy model to load or build."""
-
-    kind: Literal["tiny"] = Field(
-        "tiny",
-        description="Model family. `tiny` is the built-in pixel-space flow model; SD3/FLUX/SD1.5 "
-        "adapters loaded from a local directory come later behind the same interface.",
-    )
-    checkpoint: str | None = Field(
-        "checkpoints/shapes-base",
-        description="Directory of a saved model (config.json + model.safetensors); null builds "
-        "a randomly initialised model from `arch`.",
-    )
-    arch: TinyArchConfig = Field(default_factory=TinyArchConfig, description="Tiny-model shape.")
-    lora: LoraConfig = Field(default_factory=LoraConfig, description="Adapter settings for RL.")
-
-
-class SamplingConfig(_Section):
-    """How images are drawn from a policy (ODE/SDE solver settings)."""
-
-    sampler: Literal["euler", "dpm2", "sde"] = Field(
-        "dpm2", description="`dpm2` (2nd-order DPM-Solver), `euler` ODE, or the Flow-GRPO `sde`."
-    )
-    num_steps: PositiveInt = Field(10, description="Solver steps from t=1 (noise) to t=0.")
-    shift: float = Field(1.0, gt=0, description="SD3 timestep shift of the sigma grid (1 = none).")
-    eta: float = Field(0.7, ge=0, description="SDE noise level (only for sampler `sde`).")
-    guidance: float = Field(
-        1.0,
-        ge=1.0,
-        description="Classifier-free guidance scale G; 1 disables the unconditional pass.",
-    )
-
-
-class PretrainConfig(_Section):
-    """Supervised flow-matching pretraining of the base policy on rendered images."""
-
-    steps: PositiveInt = Field(2000, description="Optimizer steps.")
-    batch_size: PositiveInt = Field(64, description="Images per optimizer step.")
-    lr: float = Field(1e-3, gt=0, description="AdamW learning rate.")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay.")
-    warmup_steps: int = Field(100, ge=0, description="Linear learning-rate warm-up, in steps.")
-    lr_schedule: Literal["constant", "cosine"] = Field(
-        "constant",
-        description="After warm-up: keep `lr` (constant) or decay it along a half cosine to "
-        "`min_lr_ratio * lr` at the last step (cosine).",
-    )
-    min_lr_ratio: float = Field(
-        0.05,
-        ge=0,
-        le=1,
-        description="Final learning rate of the cosine schedule, as a fraction of `lr`.",
-    )
-    ema_decay: float = Field(
-        0.999, ge=0, lt=1, description="EMA decay of the saved weights per step."
-    )
-    prompt_dropout: float = Field(
-        0.1, ge=0, le=1, description="Fraction of prompts replaced by the empty prompt (for CFG)."
-    )
-    max_minutes: float | None = Field(
-        None, gt=0, description="Stop early after this much wall-clock time (minutes); null = none."
-    )
-    eval_every: int = Field(500, ge=0, description="Steps between quick held-out evals; 0 = never.")
-    output: str = Field("checkpoints/shapes-base", description="Directory the checkpoint goes to.")
-
-
-class EvalConfig(_Section):
-    """Held-out evaluation: the GenEval-style accuracy of the policy."""
-
-    images_per_prompt: PositiveInt = Field(1, description="Images sampled per held-out prompt.")
-    max_prompts: int | None = Field(
-        None, gt=0, description="Evaluate only the first N held-out prompts; null = all."
-    )
-    sampling: SamplingConfig = Field(
-        default_factory=lambda: SamplingConfig(sampler="euler", num_steps=20),
-        description="Sampler used for evaluation (deterministic ODE by default).",
-    )
-    batch_size: PositiveInt = Field(128, description="Images per sampling batch during eval.")
-
-
-class RolloutConfig(_Section):
-    """Rollout workers: sampling K images per prompt with the old (sampling) policy."""
-
-    num_workers: PositiveInt = Field(1, description="Number of rollout actors.")
-    resources: Resources = Field(default_factory=Resources, description="Per-actor resources.")
-    prompts_per_round: PositiveInt = Field(8, description="Distinct prompts per RL round.")
-    images_per_prompt: PositiveInt = Field(
-        8, description="Group size K: images per prompt, normalised together for advantages."
-    )
-    sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="Rollout sampler.")
-
-    @property
-    def images_per_round(self) -> int:
-        """Images generated (and trained on) per round."""
-        return self.prompts_per_round * self.images_per_prompt
-
-
-BUILTIN_REWARDS = ("shapes", "shapes_strict", "jpeg_compressibility", "jpeg_incompressibility")
-
-
-class RewardSpec(_Section):
-    """One reward function in the weighted sum."""
-
-    name: str = Field(
-        ...,
-        min_length=1,
-        description="A built-in reward: `shapes` (fraction of clauses passed), `shapes_strict` "
-        "(1 if every clause passes), `jpeg_(in)compressibility` (-/+ JPEG kB); or your own as "
-        "`package.module:ClassName` (a `rewards.base.Reward` subclass importable on every node).",
-    )
-    weight: float = Field(1.0, description="Weight of this reward in the total (dimensionless).")
-    params: dict[str, Any] = Field(
-        default_factory=dict,
-        description="Keyword arguments for a `module:Class` reward's constructor (none for "
-        "the built-ins).",
-    )
-    range: tuple[float, float] | None = Field(
-        None,
-        description="Valid score range [low, high]; a score outside it (or NaN/inf) makes the "
-        "sample invalid (dropped and counted). Default: the reward's own declared range.",
-    )
-
-    @field_validator("name")
-    @classmethod
-    def _known_name(cls, v: str) -> str:
-        if v in BUILTIN_REWARDS:
-            return v
-        module, sep, attr = v.partition(":")
-        if not sep or not module or not attr.isidentifier():
-            raise ValueError(
-                f"unknown reward {v!r}: use one of {', '.join(BUILTIN_REWARDS)} or an import "
-                "path `package.module:ClassName`"
-            )
-        return v
-
-    @model_validator(mode="after")
-    def _check(self) -> RewardSpec:
-        if self.params and self.name in BUILTIN_REWARDS:
-            raise ValueError(f"reward {self.name!r} takes no params")
-        if self.range is not None and not self.range[0] < self.range[1]:
-            raise ValueError(f"range {list(self.range)} must be [low, high] with low < high")
-        return self
-
-
-class RewardsConfig(_Section):
-    """The reward actor pool."""
-
-    functions: list[RewardSpec] = Field(
-        default_factory=lambda: [RewardSpec(name="shapes")],
-        min_length=1,
-        description="Reward functions and weights; each is also logged on its own.",
-    )
-    num_actors: PositiveInt = Field(1, description="Reward actors in the pool.")
-    resources: Resources = Field(
-        default_factory=lambda: Resources(num_cpus=0.5), description="Per-actor resources."
-    )
-    timeout_s: float = Field(
-        60.0,
-        gt=0,
-        description="Per-call scoring timeout, seconds: a reward actor that has not answered "
-        "by then is killed and replaced, and the batch retried (see `faults.reward_retries`).",
-    )
-
-
-class LearnerConfig(_Section):
-    """The learner: ELBO likelihoods, the policy loss and the optimizer."""
-
-    num_workers: PositiveInt = Field(
-        1, description="Data-parallel learner ranks (one DeepSpeed group)."
-    )
-    resources: Resources = Field(default_factory=Resources, description="Per-rank resources.")
-    zero_stage: int = Field(0, ge=0, le=3, description="DeepSpeed ZeRO stage 0-3.")
-    lr: float = Field(3e-4, gt=0, description="AdamW learning rate.")
-    weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay.")
-    grad_clip: float = Field(5.0, gt=0, description="Gradient-norm clip per optimizer step.")
-    microbatch_size: PositiveInt = Field(16, description="Samples per rank per forward pass.")
-    loss: Literal["epg", "pepg", "par", "grpo", "epg_noratio", "pepg_noratio", "par_noratio"] = (
-        Field("pepg", description="Policy loss (DESIGN.md section 1).")
-    )
-    estimator: Literal["elbo", "trajectory"] = Field(
-        "elbo", description="Likelihood estimator: final-sample ELBO or SDE trajectory log-probs."
-    )
-    elbo_weighting: Literal["adaptive", "x0_mse", "velocity_mse", "exact"] = Field(
-        "adaptive", description="ELBO weighting (DESIGN.md section 1)."
-    )
-    num_timesteps: PositiveInt = Field(
-        9, description="ELBO timesteps K per sample, drawn from the rollout sampler's schedule."
-    )
-    group_shared_noise: bool = Field(
-        False,
-        description="Use one ELBO draw (timesteps and eps) for all K images of a prompt group, "
-        "besides sharing it between the current, old and reference passes. Advantages sum to "
-        "zero within a group, so the draw's common-mode gradient cancels (a control variate).",
-    )
-    clip_eps: float = Field(1e-3, gt=0, description="GRPO ratio clip range epsilon.")
-    adv_clip: float = Field(5.0, gt=0, description="GRPO advantage clamp (absolute value).")
-    advantage: Literal["exact", "standard"] = Field("exact", description="Advantage estimator.")
-    advantage_scale: float | None = Field(
-        None,
-        gt=0,
-        description="Advantage scale; null = 0.1 for `exact` (reward units^-1), 1 for `standard`.",
-    )
-    advantage_std: Literal["group", "round"] = Field(
-        "group", description="Std used by the `standard` advantage: per prompt group or per round."
-    )
-    kl_beta: float = Field(1e-4, ge=0, description="KL weight to the reference (base) policy.")
-    old_policy_schedule: Literal["linear", "copy", "delayed_slow", "delayed_fast"] = Field(
-        "linear",
-        description="Old-policy EMA old <- d old + (1 - d) current after each optimizer step; "
-        "`linear`: d = min(0.001 step, 0.5) (the paper's recipe); `copy`: d = 0.",
-    )
+WorldConfig = ShapesConfig  # the union of the registered worlds' configs (one world so far)
 
 
 class TrainConfig(_Section):
@@ -391,7 +153,13 @@ class RunConfig(_Section):
         "shapes", min_length=1, description="Run name; also the run directory's prefix."
     )
     seed: int = Field(0, ge=0, description="Base seed; per-worker/round seeds derive from it.")
-    runs_dir: str = Field("runs", description="Directory under which run directories are created.")
+    runs_dir: str = Field(
+        "runs",
+        description="Root of the run directories (`<runs_dir>/<name>/`), resolved to an absolute "
+        f"path on the driver's node; the environment variable {RUNS_DIR_ENV}, when set, takes "
+        "its place. Under `ray job submit` it must be absolute (or set by the variable): a "
+        "relative root would land in the job's temporary working directory, which Ray deletes.",
+    )
     world: WorldConfig = Field(default_factory=WorldConfig, description="Task world.")
     model: ModelConfig = Field(default_factory=ModelConfig, description="Policy model.")
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig, description="Pretraining.")
@@ -402,6 +170,18 @@ class RunConfig(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig, description="RL loop.")
     faults: FaultsConfig = Field(default_factory=FaultsConfig, description="Fault tolerance.")
     service: ServiceConfig = Field(default_factory=ServiceConfig, description="Status service.")
+
+    @field_validator("world", mode="before")
+    @classmethod
+    def _known_world(cls, v: Any) -> Any:
+        name = v.get("name", "shapes") if isinstance(v, dict) else getattr(v, "name", "shapes")
+        if name not in world_names():
+            raise ValueError(f"unknown world {name!r}; registered: {', '.join(world_names())}")
+        return v
+
+    def runs_root(self) -> Path:
+        """The absolute root of run directories (``ELBORL_RUNS_DIR`` or ``runs_dir``)."""
+        return Path(os.environ.get(RUNS_DIR_ENV) or self.runs_dir).expanduser().absolute()
 
     @model_validator(mode="after")
     def _check_sizes(self) -> RunConfig:
@@ -425,20 +205,16 @@ class RunConfig(_Section):
                 f"learner.num_workers) = {chunks} equal chunks; make rollout.prompts_per_round * "
                 "rollout.images_per_prompt a multiple of it"
             )
-        if lr.estimator == "elbo" and lr.num_timesteps > ro.sampling.num_steps:
+        needs_trajectory = ESTIMATORS.get(lr.estimator).needs_trajectory
+        if not needs_trajectory and lr.num_timesteps > ro.sampling.num_steps:
             raise ValueError(
                 f"learner.num_timesteps = {lr.num_timesteps} exceeds the sampler schedule "
                 f"(rollout.sampling.num_steps = {ro.sampling.num_steps}); use at most that many"
             )
-        if lr.estimator == "trajectory" and ro.sampling.sampler != "sde":
+        if needs_trajectory and not ro.sampling.stochastic:
             raise ValueError(
-                "learner.estimator = 'trajectory' needs SDE rollouts with log-probs: set "
+                f"learner.estimator = {lr.estimator!r} needs SDE rollouts with log-probs: set "
                 "rollout.sampling.sampler = 'sde'"
-            )
-        if self.world.image_size % self.model.arch.pack:
-            raise ValueError(
-                f"world.image_size = {self.world.image_size} must be a multiple of "
-                f"model.arch.pack = {self.model.arch.pack}"
             )
         return self
 

@@ -9,8 +9,12 @@ the prompts an uninterrupted one would.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+
+from services.config import ConfigError
+from worlds.base import World
 
 
 @dataclass
@@ -54,3 +58,21 @@ class PromptDealer:
 
     def state(self) -> dict[str, int]:
         return {"epoch": self.epoch, "cursor": self.cursor}
+
+
+def resolve_prompts(world: World, spec: str, field: str) -> list[str]:
+    """Prompts named by a config value: a split of the world or a prompt file's path.
+
+    Raises ``ConfigError`` naming ``field`` (and the file and line for a bad file).
+    """
+    if spec in world.split_names():
+        return world.prompts(spec)
+    if not Path(spec).exists():
+        raise ConfigError(
+            f"{field} = {spec!r} is neither a split ({', '.join(world.split_names())}) nor an "
+            "existing file"
+        )
+    try:
+        return world.prompts(spec)
+    except ValueError as exc:
+        raise ConfigError(f"{field}: {exc}") from exc

@@ -35,7 +35,7 @@ class RunDir:
     """Owns the files of one run; never overwrites another run's files."""
 
     def __init__(self, cfg: RunConfig, resume: bool):
-        self.path = Path(cfg.runs_dir) / cfg.name
+        self.path = cfg.runs_root() / cfg.name
         self.ckpt_root = self.path / "checkpoints"
         config_file = self.path / "config.yaml"
         if resume:
@@ -127,9 +127,10 @@ class RunDir:
         """
         (tmp / "driver.json").write_text(json.dumps(driver_state, indent=1))
         _fsync_dir(tmp)
-        if os.environ.get("ELBORL_FAULT_CRASH_IN_CHECKPOINT") == str(round_):
-            log.error("fault injection: crashing while checkpoint %d is half written", round_)
-            os._exit(137)  # a crash at the worst moment: files written, not yet committed
+        return self.seal_checkpoint(tmp, round_)
+
+    def seal_checkpoint(self, tmp: Path, round_: int) -> Path:
+        """Every file of ``tmp`` is written: add the manifest and rename it into place."""
         manifest = {"round": round_, "files": _manifest(tmp)}
         marker = tmp / COMPLETE
         marker.write_text(json.dumps(manifest, indent=1))

@@ -38,3 +38,13 @@ def cli_env() -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")
     return env
+
+
+def build_tiny(image_size: int, arch: dict[str, object]):  # type: ignore[no-untyped-def]
+    """A freshly initialised tiny policy with ``arch`` and the `shapes` vocabulary."""
+    from policy.config import ModelConfig
+    from policy.io import build_policy
+    from worlds.shapes.world import ShapesWorld
+
+    model = ModelConfig(kind="tiny", checkpoint=None, arch=arch)
+    return build_policy(model, image_size, ShapesWorld().vocabulary())

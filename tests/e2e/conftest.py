@@ -7,14 +7,18 @@ local cluster of its own; the tests of the default local mode ask for one (``loc
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import pytest
 
 from tests.e2e.golden import STRAIGHT_TRAIN
@@ -29,6 +33,7 @@ class Head:
 
     address: str
     job_url: str
+    temp_dir: str  # every process of this head names it on its command line
 
 
 def free_port() -> int:
@@ -42,10 +47,47 @@ def venv_env() -> dict[str, str]:
     return {**os.environ, "PATH": VENV_BIN + os.pathsep + os.environ.get("PATH", "")}
 
 
+def processes_of(marker: str) -> list[psutil.Process]:
+    """Processes whose command line mentions ``marker`` (the head's own temp directory)."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if any(marker in part for part in proc.info["cmdline"] or ()):
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+def stop_head(marker: str, timeout: float = 30.0) -> None:
+    """Stop the processes of the head started with temp dir ``marker``, and no other Ray.
+
+    ``ray stop`` has no per-cluster form (``--force`` stops every Ray process of the user);
+    the head's main processes (GCS, raylet, dashboard) name its ``--temp-dir`` on their
+    command lines, and everything else it runs descends from them: SIGTERM first, SIGKILL
+    for what is left.
+    """
+    procs = processes_of(marker)
+    for root in list(procs):  # the workers and dashboard modules are their children
+        with contextlib.suppress(psutil.NoSuchProcess):
+            procs += root.children(recursive=True)
+    procs = list({p.pid: p for p in procs}.values())
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    for p in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+
+
 @pytest.fixture(scope="session")
 def ray_head() -> Iterator[Head]:
-    """One local ``ray start --head`` for the session, sized like the local mode."""
+    """One local ``ray start --head`` for the session, sized like the local mode, stopped
+    (only it) at the end."""
     gcs, dash = free_port(), free_port()
+    # Short: Ray's unix sockets live under it (a socket path has at most 107 characters).
+    temp = tempfile.mkdtemp(prefix="rayhead-", dir="/tmp")
     start = [
         f"{VENV_BIN}/ray",
         "start",
@@ -57,14 +99,15 @@ def ray_head() -> Iterator[Head]:
         f"--dashboard-port={dash}",
         f"--object-store-memory={200 * 2**20}",
         "--disable-usage-stats",
+        f"--temp-dir={temp}",
     ]
     out = subprocess.run(start, capture_output=True, text=True, timeout=120, env=venv_env())
     assert out.returncode == 0, out.stderr[-3000:]
     try:
-        yield Head(f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dash}")
+        yield Head(f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dash}", str(temp))
     finally:
-        stop = [f"{VENV_BIN}/ray", "stop", "--force"]
-        subprocess.run(stop, capture_output=True, timeout=120, env=venv_env())
+        stop_head(str(temp))
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -61,7 +61,7 @@ def _merge(dst: dict[str, Any], src: dict[str, Any]) -> None:
 SHARED_HEAD_ENV = "ELBORL_TEST_RAY_ADDRESS"
 
 
-def train_cmd(args: list[str], local: bool = False) -> list[str]:
+def train_cmd(args: list[str], local: bool = False, faults: list[str] | None = None) -> list[str]:
     """The ``elborl train ARGS`` command line for a test run.
 
     Runs join the session's shared ``ray start --head`` (``tests/e2e/conftest.py``), which
@@ -70,6 +70,8 @@ def train_cmd(args: list[str], local: bool = False) -> list[str]:
     """
     shared = os.environ.get(SHARED_HEAD_ENV)
     join = ["--address", shared] if shared and not local and "--address" not in args else []
+    if faults:  # the same command through the test-only fault injector (tests/e2e/faulty.py)
+        return [sys.executable, "-m", "tests.e2e.faulty", *faults, "train", *args, *join]
     return [sys.executable, "-m", "services.cli", "train", *args, *join]
 
 
@@ -83,10 +85,12 @@ def run_train(
     timeout: float = 300,
     env: dict[str, str] | None = None,
     local: bool = False,
+    faults: list[str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """``elborl train ARGS`` as a subprocess from the repo root (see ``train_cmd``)."""
+    """``elborl train ARGS`` as a subprocess from the repo root (see ``train_cmd``); ``faults``
+    are ``tests.e2e.faulty`` options (e.g. ``["--crash-in-checkpoint", "2"]``)."""
     return subprocess.run(
-        train_cmd(args, local),
+        train_cmd(args, local, faults),
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -246,10 +246,8 @@ def test_a_nan_loss_skips_the_step_without_touching_the_weights(tmp_path: Path) 
         faults={"max_bad_rounds": 2},
         train={"rounds": 8, "eval_every": 0, "sample_grid_every": 0},
     )
-    # local: the learner actor reads the hook, and actors inherit the driver's environment
-    # only from a cluster the driver starts itself.
-    nan_steps = {"ELBORL_FAULT_NAN_LOSS": "2,4,5"}
-    out = run_train(["--config", str(cfg)], env=nan_steps, local=True)
+    # A test-only learner subclass makes the losses NaN (tests/e2e/faulty.py).
+    out = run_train(["--config", str(cfg)], faults=["--nan-loss-steps", "2,4,5"])
     assert out.returncode == 1 and "learner step skipped: True" in out.stderr, out.stderr[-3000:]
     m = metrics(tmp_path / "runs" / "nan")
     assert [r["learner/skipped_step"] for r in m] == [0, 1, 0, 1, 1]
@@ -268,7 +266,7 @@ def test_a_crash_while_writing_a_checkpoint_resumes_from_the_previous_one(
         name="crash",
         train={"rounds": 3, "checkpoint_every": 1, "eval_every": 0, "sample_grid_every": 0},
     )
-    out = run_train(["--config", str(cfg)], env={"ELBORL_FAULT_CRASH_IN_CHECKPOINT": "2"})
+    out = run_train(["--config", str(cfg)], faults=["--crash-in-checkpoint", "2"])
     assert out.returncode == 137, out.stderr[-3000:]
     ckpts = tmp_path / "runs" / "crash" / "checkpoints"
     assert (ckpts / ".tmp-round_00002" / "driver.json").exists()  # written, never committed

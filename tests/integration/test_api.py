@@ -25,8 +25,9 @@ from services.api.app import create_app
 from services.api.control import STOP_FILE, load_token
 from services.api.server import ApiServer
 from services.config import ConfigError, RunConfig, ServiceConfig
-from services.loop import _save_grid, update_status
+from services.controller import Controller
 from services.run import RunDir
+from services.status import update_status
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -57,7 +58,9 @@ def _write_run(root: Path, name: str, state: str, rounds: int = 3, **status: Any
     run.close()
     images = np.random.default_rng(0).integers(0, 255, (4, 32, 32, 3), dtype=np.uint8)
     prompts = ["a red circle", "two blue squares", "a green triangle above a red circle", "x"]
-    _save_grid(run.path / "samples" / f"round_{rounds:05d}.png", images, prompts, [1, 0.5, 0, 1])
+    Controller._save_grid(
+        run.path / "samples" / f"round_{rounds:05d}.png", images, prompts, [1, 0.5, 0, 1]
+    )
     run.commit_checkpoint(run.new_checkpoint(2), 2, {"round": 2})
     fields: dict[str, Any] = {"pid": os.getpid(), "hostname": socket.gethostname(), **status}
     update_status(

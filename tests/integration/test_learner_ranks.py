@@ -9,7 +9,7 @@ import pytest
 import ray
 import torch
 
-from rollout.worker import RolloutSamples
+from rollout.engine import RolloutSamples
 from services.actors import LearnerWorker
 from services.config import LearnerConfig, ModelConfig, SamplingConfig
 from tests.conftest import BASE_CHECKPOINT

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from learner.advantages import AdvantageConfig, compute_advantages
+from algo.advantages import AdvantageConfig, compute_advantages
 
 pytestmark = pytest.mark.unit
 
@@ -97,8 +97,8 @@ def test_input_and_config_errors() -> None:
         compute_advantages(torch.tensor([1.0, float("nan")]), torch.tensor([0, 0]))
     with pytest.raises(ValueError, match="non-empty"):
         compute_advantages(torch.tensor([]), torch.tensor([], dtype=torch.long))
-    with pytest.raises(ValueError, match="method"):
-        AdvantageConfig(method="gae")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="unknown advantage"):
+        AdvantageConfig(method="gae")
     with pytest.raises(ValueError, match="scale"):
         AdvantageConfig(scale=0.0)
     assert AdvantageConfig().effective_scale == 0.1

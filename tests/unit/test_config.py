@@ -63,8 +63,8 @@ def test_wrong_type_names_field_and_value(tmp_path: Path) -> None:
         load_config(_write(tmp_path, "learner:\n  lr: fast\n"))
 
 
-def test_literal_lists_allowed_values(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"learner\.loss.*'epg'.*'pepg'"):
+def test_named_choices_list_the_registered_names(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"learner\.loss \(line 1\).*'ppo'.*epg, .*pepg"):
         load_config(_write(tmp_path, "learner: {loss: ppo}\n"))
 
 

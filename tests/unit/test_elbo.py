@@ -54,7 +54,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from learner.elbo import (
+from algo.elbo import (
     CosineVpSchedule,
     LinearVpSchedule,
     flow_elbo,
@@ -67,7 +67,7 @@ from learner.elbo import (
     vp_elbo_from_epsilon,
     vp_noise_draw,
 )
-from rollout.samplers import flow_timesteps
+from algo.samplers import flow_timesteps
 
 pytestmark = pytest.mark.unit
 

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from policy.io import build_tiny
 from policy.lora import add_lora, trainable_keys
 from policy.state import checksum, load_numpy_state, to_numpy_state
 from services.config import LoraConfig
+from tests.conftest import build_tiny
 
 pytestmark = pytest.mark.unit
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from learner.losses import (
+from algo.losses import (
     GlobalNormalizer,
     LossConfig,
     clipped_surrogate,
@@ -161,7 +161,7 @@ def test_the_loss_is_a_sum_over_pairs_divided_by_the_global_count() -> None:
 
 
 def test_config_and_argument_errors() -> None:
-    with pytest.raises(ValueError, match="unknown loss"):
+    with pytest.raises(ValueError, match="unknown policy loss"):
         LossConfig(loss="ppo")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="not valid for velocity"):
         LossConfig(weighting="epsilon_mse")

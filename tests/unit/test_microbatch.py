@@ -11,14 +11,14 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from learner.elbo import CosineVpSchedule, ElboOutput, NoiseDraw, VpSchedule, flow_elbo, vp_elbo
-from learner.losses import (
+from algo.elbo import CosineVpSchedule, ElboOutput, NoiseDraw, VpSchedule, flow_elbo, vp_elbo
+from algo.losses import (
     GlobalNormalizer,
     LossConfig,
     girsanov_kl_per_pair,
     policy_loss_per_pair,
 )
-from learner.microbatch import accumulate_microbatch, make_noise_draw, microbatch_loss
+from algo.microbatch import accumulate_microbatch, make_noise_draw, microbatch_loss
 
 pytestmark = pytest.mark.unit
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from learner.old_policy import (
+from algo.old_policy import (
     OLD_POLICY_SCHEDULES,
     DecaySchedule,
     ema_update_,
@@ -78,9 +78,9 @@ def test_errors() -> None:
         ema_update_({"w": torch.zeros(1), "b": torch.zeros(1)}, {"w": torch.zeros(1)}, 0.1)
     with pytest.raises(ValueError, match="shape"):
         ema_update_({"w": torch.zeros(1)}, {"w": torch.zeros(2)}, 0.1)
-    with pytest.raises(ValueError, match="unknown schedule"):
+    with pytest.raises(ValueError, match="unknown old-policy schedule"):
         get_schedule("cosine")
     with pytest.raises(ValueError, match="step"):
-        OLD_POLICY_SCHEDULES["linear"](-1)
+        OLD_POLICY_SCHEDULES.get("linear")(-1)
     with pytest.raises(ValueError, match="invalid"):
         DecaySchedule(max_decay=1.0)

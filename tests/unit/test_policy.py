@@ -9,9 +9,11 @@ import pytest
 import torch
 
 from policy.base import guided_fn, images_to_unit, unit_to_images
-from policy.io import build_tiny, load_policy, save_policy, shapes_vocab
+from policy.io import load_policy, save_policy
 from rollout.generate import generate, initial_noise
 from services.config import SamplingConfig
+from tests.conftest import build_tiny
+from worlds.shapes.world import ShapesWorld
 
 pytestmark = pytest.mark.unit
 
@@ -41,7 +43,7 @@ def test_tokenizer_covers_the_grammar(policy) -> None:
     ids = policy.tokenizer(["Two RED circles", "zebra"])
     assert ids[0, 1:4].ne(2).all()  # no <unk> for grammar words, case-insensitive
     assert ids[1, 1] == 2  # unknown word -> <unk>
-    assert {"circles", "left", "above", "four"} <= set(shapes_vocab())
+    assert {"circles", "left", "above", "four"} <= set(ShapesWorld().vocabulary())
 
 
 def test_save_load_round_trip(policy, tmp_path: Path) -> None:

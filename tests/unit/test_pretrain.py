@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from policy.io import build_tiny
-from policy.pretrain import balanced_batch, learning_rate, pretrain
-from services.config import EvalConfig, PretrainConfig, SamplingConfig
+from policy.config import PretrainConfig
+from policy.pretrain import learning_rate, pretrain
+from tests.conftest import build_tiny
 from worlds.shapes.grammar import CountPrompt, all_prompts
+from worlds.shapes.world import ShapesWorld, balanced_batch
 
 pytestmark = pytest.mark.unit
 
@@ -52,9 +53,8 @@ def test_a_few_real_steps_change_the_weights_and_return_a_frozen_ema_copy() -> N
     cfg = PretrainConfig(
         steps=6, batch_size=8, lr=1e-3, warmup_steps=2, lr_schedule="cosine", eval_every=0
     )
-    eval_cfg = EvalConfig(sampling=SamplingConfig(sampler="euler", num_steps=2))
-    prompts = all_prompts()[:50]
-    ema, state = pretrain(policy, prompts, prompts[:2], cfg, eval_cfg, seed=0)
+    prompts = [p.text for p in all_prompts()[:50]]
+    ema, state = pretrain(policy, ShapesWorld(), prompts, cfg, seed=0)
     assert state.step == 6 and math.isfinite(state.loss_ema)
     trained = policy.state_dict()
     assert any(not torch.equal(before[k], trained[k]) for k in before)

@@ -16,13 +16,13 @@ pytestmark = pytest.mark.unit
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PURE_MODULES = (
-    "learner.elbo",
-    "learner.losses",
-    "learner.advantages",
-    "learner.old_policy",
-    "learner.trajectory",
-    "learner.microbatch",
-    "rollout.samplers",
+    "algo.elbo",
+    "algo.losses",
+    "algo.advantages",
+    "algo.old_policy",
+    "algo.trajectory",
+    "algo.microbatch",
+    "algo.samplers",
 )
 FORBIDDEN = ("ray", "deepspeed", "fastapi")
 

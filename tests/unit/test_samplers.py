@@ -1,4 +1,4 @@
-"""Tests for rollout.samplers: grids, ODE steps against diffusers, the Flow-GRPO SDE step."""
+"""Tests for algo.samplers: grids, ODE steps against diffusers, the Flow-GRPO SDE step."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from diffusers.schedulers.scheduling_flow_match_euler_discrete import (
 )
 from torch import Tensor
 
-from rollout.samplers import (
+from algo.samplers import (
     dpm2_step,
     euler_step,
     flow_timesteps,

@@ -10,15 +10,15 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from learner.losses import GlobalNormalizer
-from learner.trajectory import (
+from algo.losses import GlobalNormalizer
+from algo.samplers import sample
+from algo.trajectory import (
     flow_grpo_loss,
     flow_grpo_microbatch_loss,
     gather_steps,
     sde_mean_kl,
     trajectory_log_probs,
 )
-from rollout.samplers import sample
 
 pytestmark = pytest.mark.unit
 

@@ -27,12 +27,13 @@ that pass them all (``summarize``).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Final
 
 import numpy as np
 from scipy import ndimage
 
+from worlds.base import Verdict
 from worlds.shapes.grammar import (
     COLOURS,
     PALETTE_ARRAY,
@@ -65,14 +66,8 @@ class DetectedObject:
     fill: float  # area / bounding-box area
 
 
-@dataclass(frozen=True)
-class VerifyResult:
-    """Clause-level verdict for one image; ``score`` is the reward in [0, 1]."""
-
-    score: float
-    clauses: dict[str, bool]
-    passed: bool
-    detail: dict[str, Any] = field(default_factory=dict)
+VerifyResult = Verdict
+"""Clause-level verdict for one image; ``score`` is the reward in [0, 1]."""
 
 
 def min_object_area(height: int, width: int) -> int:

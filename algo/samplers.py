@@ -30,20 +30,21 @@ step returns its new state in the input dtype.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
-Sampler = Literal["euler", "dpm2", "sde"]
+from algo.registry import Registry
+
 VelocityFn = Callable[[Tensor, Tensor], Tensor]
 DpmState = tuple[Tensor, float]
 """State carried between ``dpm2_step`` calls: ``(x0_hat, sigma)`` of the previous step, where
 ``x0_hat = x - sigma v`` (B, ...) is kept in the compute dtype and ``sigma`` is a Python float."""
 
-_SAMPLERS: tuple[str, ...] = get_args(Sampler)
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 
 
@@ -232,6 +233,116 @@ def sde_step(
     return SdeStepOutput(prev_sample, log_prob, mean, std)
 
 
+@dataclass(frozen=True)
+class StepContext:
+    """What a sampler step may need besides the state: its index and the SDE settings.
+
+    Attributes:
+        index: the step number i (0-based) of this call on the grid.
+        eta: SDE noise level (stochastic samplers only).
+        noisy_steps: stochastic samplers add noise in the first ``noisy_steps`` steps only.
+        generator: RNG for the noise of stochastic samplers.
+    """
+
+    index: int
+    eta: float
+    noisy_steps: int
+    generator: torch.Generator | None
+
+
+StepResult = tuple[Tensor, Any, Tensor | None]
+"""``(x_next (B, ...), state for the next call, log_prob (B,) or None)``."""
+
+
+class Sampler(ABC):
+    """A solver from sigma = 1 (noise) to 0 (data) that owns its time grid.
+
+    The learner draws its ELBO timesteps from ``timesteps`` too (never its own copy), so a
+    sampler with another grid keeps the estimator on the levels the rollouts visited.
+    ``stochastic`` samplers draw noise each step and return a per-step log-prob (what the
+    trajectory estimator trains on); deterministic ones return ``None`` for it.
+    """
+
+    name: ClassVar[str]
+    stochastic: ClassVar[bool] = False
+
+    def timesteps(
+        self,
+        num_steps: int,
+        shift: float = 1.0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> Tensor:
+        """The (num_steps + 1,) sigma grid from 1 to 0 (default: ``flow_timesteps``)."""
+        return flow_timesteps(num_steps, shift, device=device, dtype=dtype)
+
+    def init_state(self) -> Any:
+        """The state before the first step (None unless the solver is multistep)."""
+        return None
+
+    @abstractmethod
+    def step(
+        self, x: Tensor, v: Tensor, sigma: Tensor, sigma_next: Tensor, state: Any, ctx: StepContext
+    ) -> StepResult:
+        """One step from ``sigma`` to ``sigma_next`` given the velocity ``v`` at ``(x, sigma)``."""
+
+
+SAMPLERS: Registry[Sampler] = Registry("sampler", "sampling.sampler")
+"""Every sampler by name; ``@register_sampler`` adds one (an instance of the class)."""
+
+
+def register_sampler(cls: type[Sampler]) -> type[Sampler]:
+    """Class decorator: register one instance of a ``Sampler`` subclass under ``cls.name``."""
+    SAMPLERS.add(cls.name, cls())
+    return cls
+
+
+def get_sampler(name: str | Sampler) -> Sampler:
+    """The registered sampler ``name`` (an instance passes through)."""
+    return name if isinstance(name, Sampler) else SAMPLERS.get(name)
+
+
+@register_sampler
+class EulerSampler(Sampler):
+    """The first-order probability-flow ODE step (``euler_step``)."""
+
+    name = "euler"
+
+    def step(
+        self, x: Tensor, v: Tensor, sigma: Tensor, sigma_next: Tensor, state: Any, ctx: StepContext
+    ) -> StepResult:
+        return euler_step(x, v, sigma, sigma_next), None, None
+
+
+@register_sampler
+class Dpm2Sampler(Sampler):
+    """DPM-Solver++(2M) (``dpm2_step``): the paper's training sampler."""
+
+    name = "dpm2"
+
+    def step(
+        self, x: Tensor, v: Tensor, sigma: Tensor, sigma_next: Tensor, state: Any, ctx: StepContext
+    ) -> StepResult:
+        x_next, new_state = dpm2_step(x, v, sigma, sigma_next, state)
+        return x_next, new_state, None
+
+
+@register_sampler
+class FlowGrpoSdeSampler(Sampler):
+    """The Flow-GRPO SDE (``sde_step``) for the first ``noisy_steps`` steps, Euler after."""
+
+    name = "sde"
+    stochastic = True
+
+    def step(
+        self, x: Tensor, v: Tensor, sigma: Tensor, sigma_next: Tensor, state: Any, ctx: StepContext
+    ) -> StepResult:
+        if ctx.index >= ctx.noisy_steps:
+            return euler_step(x, v, sigma, sigma_next), None, None
+        out = sde_step(x, v, sigma, sigma_next, eta=ctx.eta, generator=ctx.generator)
+        return out.prev_sample, None, out.log_prob
+
+
 @dataclass
 class SampleOutput:
     """Result of ``sample``.
@@ -240,9 +351,9 @@ class SampleOutput:
         x0: the final sample (B, ...), in the noise's dtype.
         timesteps: the sigma grid used, (S + 1,), from 1 to 0.
         trajectory: all states x_{t_0} = noise, ..., x_{t_S} = x0 as (B, S + 1, ...), when
-            ``return_trajectory`` or ``sampler == "sde"``; else None.
-        log_probs: per-step SDE log-probs (B, N) for the N stochastic steps (N = S, or
-            ``sde_steps``), ``sampler == "sde"`` only; else None.
+            ``return_trajectory`` or the sampler is stochastic; else None.
+        log_probs: per-step log-probs (B, N) for the N stochastic steps (N = S, or
+            ``sde_steps``), stochastic samplers only; else None.
     """
 
     x0: Tensor
@@ -255,7 +366,7 @@ def sample(
     velocity_fn: VelocityFn,
     noise: Tensor,
     *,
-    sampler: Sampler = "dpm2",
+    sampler: str | Sampler = "dpm2",
     num_steps: int = 10,
     shift: float = 1.0,
     eta: float = 0.7,
@@ -263,7 +374,7 @@ def sample(
     return_trajectory: bool = False,
     sde_steps: int | None = None,
 ) -> SampleOutput:
-    """Integrate from ``noise`` (at sigma = 1) to a sample (at sigma = 0) on ``flow_timesteps``.
+    """Integrate from ``noise`` (at sigma = 1) to a sample (at sigma = 0) on the sampler's grid.
 
     Runs under ``torch.no_grad()``. ``velocity_fn`` gets the state in the noise's dtype and
     ``t`` as a (B,) tensor in the grid's dtype (float32, or float64 for float64 noise).
@@ -271,42 +382,39 @@ def sample(
     Args:
         velocity_fn: ``(x (B, ...), t (B,)) -> v (B, ...)``.
         noise: the initial state x_1 (B, ...), any rank >= 2.
-        sampler: ``"euler"``, ``"dpm2"`` (default; DPM-Solver++(2M)) or ``"sde"`` (Flow-GRPO).
+        sampler: a registered name (``"euler"``, ``"dpm2"`` (default), ``"sde"``, ...) or a
+            ``Sampler``.
         num_steps: S, the number of velocity evaluations.
         shift: SD3 resolution shift of the grid (see ``flow_timesteps``).
-        eta: SDE noise level (``sampler == "sde"`` only); 0 gives the Euler ODE.
+        eta: SDE noise level (stochastic samplers only); 0 gives the Euler ODE.
         generator: RNG for the SDE noise.
-        return_trajectory: also return every intermediate state (always on for ``"sde"``).
-        sde_steps: ``sampler == "sde"`` only: add noise in the first ``sde_steps`` steps and take
-            Euler steps after them (``log_probs`` then has ``sde_steps`` columns).
+        return_trajectory: also return every intermediate state (always on when stochastic).
+        sde_steps: stochastic samplers only: add noise in the first ``sde_steps`` steps and
+            take Euler steps after them (``log_probs`` then has ``sde_steps`` columns).
     """
-    _check_sample_args(noise, sampler, num_steps, shift, eta, sde_steps)
-    timesteps = flow_timesteps(num_steps, shift, device=noise.device, dtype=_compute_dtype(noise))
-    num_noisy = num_steps if sde_steps is None else sde_steps
-    keep = return_trajectory or sampler == "sde"
+    solver = _check_sample_args(noise, sampler, num_steps, shift, eta, sde_steps)
+    timesteps = solver.timesteps(num_steps, shift, device=noise.device, dtype=_compute_dtype(noise))
+    noisy = num_steps if sde_steps is None else sde_steps
+    keep = return_trajectory or solver.stochastic
     batch = noise.shape[0]
     x = noise
     states, log_probs = [x], []
-    state: DpmState | None = None
+    state = solver.init_state()
     with torch.no_grad():
         for i in range(num_steps):
             sigma, sigma_next = timesteps[i], timesteps[i + 1]
             v = velocity_fn(x, sigma.repeat(batch))
-            if sampler == "dpm2":
-                x, state = dpm2_step(x, v, sigma, sigma_next, state)
-            elif sampler == "sde" and i < num_noisy:
-                out = sde_step(x, v, sigma, sigma_next, eta=eta, generator=generator)
-                x = out.prev_sample
-                log_probs.append(out.log_prob)
-            else:
-                x = euler_step(x, v, sigma, sigma_next)
+            ctx = StepContext(index=i, eta=eta, noisy_steps=noisy, generator=generator)
+            x, state, log_prob = solver.step(x, v, sigma, sigma_next, state, ctx)
+            if log_prob is not None:
+                log_probs.append(log_prob)
             if keep:
                 states.append(x)
     return SampleOutput(
         x0=x,
         timesteps=timesteps,
         trajectory=torch.stack(states, dim=1) if keep else None,
-        log_probs=torch.stack(log_probs, dim=1) if sampler == "sde" else None,
+        log_probs=torch.stack(log_probs, dim=1) if solver.stochastic else None,
     )
 
 
@@ -387,15 +495,14 @@ def _check_sde_args(
 
 def _check_sample_args(
     noise: Tensor,
-    sampler: str,
+    sampler: str | Sampler,
     num_steps: int,
     shift: float,
     eta: float,
     sde_steps: int | None,
-) -> None:
+) -> Sampler:
     """User-facing validation for ``sample``: concise errors rather than silent correction."""
-    if sampler not in _SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; expected one of {', '.join(_SAMPLERS)}")
+    solver = get_sampler(sampler)
     _check_num_steps(num_steps)
     _check_eta(eta)
     if not shift > 0:
@@ -403,7 +510,10 @@ def _check_sample_args(
     if noise.ndim < 2 or not noise.is_floating_point():
         raise ValueError(f"noise must be a float tensor (B, ...) of rank >= 2, got {noise.shape}")
     if sde_steps is not None:
-        if sampler != "sde":
-            raise ValueError(f"sde_steps applies only to sampler='sde', got sampler={sampler!r}")
+        if not solver.stochastic:
+            raise ValueError(
+                f"sde_steps applies only to stochastic samplers, got sampler={solver.name!r}"
+            )
         if isinstance(sde_steps, bool) or not 1 <= sde_steps <= num_steps:
             raise ValueError(f"sde_steps must be in [1, num_steps={num_steps}], got {sde_steps}")
+    return solver

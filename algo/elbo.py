@@ -36,20 +36,17 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol, get_args
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import Tensor
 
+from algo.registry import Registry
+
 ModelFn = Callable[[Tensor, Tensor, Any], Tensor]
 """``model(x_t (B, ...), t (B,), cond) -> prediction (B, ...)`` (velocity or epsilon)."""
 
-FlowWeighting = Literal["adaptive", "x0_mse", "velocity_mse", "exact"]
-VpWeighting = Literal["adaptive", "x0_mse", "epsilon_mse", "exact"]
 Reduction = Literal["mean", "sum"]
-
-FLOW_WEIGHTINGS: tuple[str, ...] = get_args(FlowWeighting)
-VP_WEIGHTINGS: tuple[str, ...] = get_args(VpWeighting)
 ADAPTIVE_WEIGHT_MIN = 1e-5
 """Lower clamp of the adaptive weight ``sg(mean |x0_hat - x0|)`` (official value)."""
 EXACT_T_OFFSET = 1e-3
@@ -82,6 +79,27 @@ class ElboOutput:
 
     elbo: Tensor
     prediction: Tensor
+
+
+@dataclass(frozen=True)
+class ElboTerms:
+    """The tensors a weighting needs, all in the compute dtype (B, ...); ``t`` is expanded to
+    broadcast against them. ``prediction`` is the velocity (flow) or epsilon (VP) output."""
+
+    prediction: Tensor
+    x0: Tensor
+    x_t: Tensor
+    noise: Tensor
+    t: Tensor
+
+
+WeightingFn = Callable[[ElboTerms, "VpSchedule | None", float, Reduction, float], Tensor]
+"""``(terms, vp_schedule, cfg_scale, reduction, exact_t_offset) -> ELBO estimate (B,)``."""
+
+FLOW_WEIGHTINGS: Registry[WeightingFn] = Registry("flow ELBO weighting", "learner.elbo_weighting")
+"""ELBO weightings of flow-matching (velocity) models; module docstring of each entry below."""
+VP_WEIGHTINGS: Registry[WeightingFn] = Registry("VP ELBO weighting", "learner.elbo_weighting")
+"""ELBO weightings of epsilon-prediction (VP) models."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -188,7 +206,7 @@ def flow_elbo_from_velocity(
     velocity: Tensor,
     x0: Tensor,
     draw: NoiseDraw,
-    weighting: FlowWeighting = "adaptive",
+    weighting: str = "adaptive",
     *,
     cfg_scale: float = 1.0,
     reduction: Reduction = "mean",
@@ -214,22 +232,47 @@ def flow_elbo_from_velocity(
     """
     _check_like("velocity", velocity, x0)
     _check_like("draw.x_t", draw.x_t, x0)
-    _check_choice("weighting", weighting, FLOW_WEIGHTINGS)
+    fn = FLOW_WEIGHTINGS.get(weighting)
     _check_cfg_and_reduction(cfg_scale, reduction)
     dtype = _compute_dtype(x0)
-    v, x0c = velocity.to(dtype), x0.to(dtype)
-    t = _expand(draw.t, x0).to(dtype)
-    if weighting in ("adaptive", "x0_mse"):
-        err = draw.x_t.to(dtype) - t * v - x0c  # x0_hat - x0
-        if weighting == "adaptive":
-            return _adaptive_elbo(err, reduction) / cfg_scale
-        return -_reduce(err.square(), reduction)
-    err_v = v - (draw.noise.to(dtype) - x0c)  # v - u
-    if weighting == "velocity_mse":
-        return -_reduce(err_v.square(), reduction) / cfg_scale**2
-    if exact_t_offset < 0:
-        raise ValueError(f"exact_t_offset must be >= 0, got {exact_t_offset}")
-    weight = (1.0 - t) / (t + exact_t_offset)
+    terms = ElboTerms(
+        velocity.to(dtype), x0.to(dtype), draw.x_t, draw.noise, _expand(draw.t, x0).to(dtype)
+    )
+    return fn(terms, None, cfg_scale, reduction, exact_t_offset)
+
+
+@FLOW_WEIGHTINGS.register("adaptive")
+def _flow_adaptive(
+    z: ElboTerms, _s: VpSchedule | None, cfg_scale: float, reduction: Reduction, _o: float
+) -> Tensor:
+    err = z.x_t.to(z.x0.dtype) - z.t * z.prediction - z.x0  # x0_hat - x0
+    return _adaptive_elbo(err, reduction) / cfg_scale
+
+
+@FLOW_WEIGHTINGS.register("x0_mse")
+def _flow_x0_mse(
+    z: ElboTerms, _s: VpSchedule | None, _g: float, reduction: Reduction, _o: float
+) -> Tensor:
+    err = z.x_t.to(z.x0.dtype) - z.t * z.prediction - z.x0  # x0_hat - x0
+    return -_reduce(err.square(), reduction)
+
+
+@FLOW_WEIGHTINGS.register("velocity_mse")
+def _flow_velocity_mse(
+    z: ElboTerms, _s: VpSchedule | None, cfg_scale: float, reduction: Reduction, _o: float
+) -> Tensor:
+    err_v = z.prediction - (z.noise.to(z.x0.dtype) - z.x0)  # v - u
+    return -_reduce(err_v.square(), reduction) / cfg_scale**2
+
+
+@FLOW_WEIGHTINGS.register("exact")
+def _flow_exact(
+    z: ElboTerms, _s: VpSchedule | None, _g: float, reduction: Reduction, offset: float
+) -> Tensor:
+    if offset < 0:
+        raise ValueError(f"exact_t_offset must be >= 0, got {offset}")
+    err_v = z.prediction - (z.noise.to(z.x0.dtype) - z.x0)  # v - u
+    weight = (1.0 - z.t) / (z.t + offset)
     return -_reduce(weight * err_v.square(), reduction)
 
 
@@ -238,7 +281,7 @@ def flow_elbo(
     x0: Tensor,
     cond: Any,
     draw: NoiseDraw,
-    weighting: FlowWeighting = "adaptive",
+    weighting: str = "adaptive",
     *,
     cfg_scale: float = 1.0,
     reduction: Reduction = "mean",
@@ -339,7 +382,7 @@ def vp_elbo_from_epsilon(
     x0: Tensor,
     draw: NoiseDraw,
     schedule: VpSchedule,
-    weighting: VpWeighting = "adaptive",
+    weighting: str = "adaptive",
     *,
     cfg_scale: float = 1.0,
     reduction: Reduction = "mean",
@@ -356,21 +399,51 @@ def vp_elbo_from_epsilon(
     """
     _check_like("epsilon", epsilon, x0)
     _check_like("draw.x_t", draw.x_t, x0)
-    _check_choice("weighting", weighting, VP_WEIGHTINGS)
+    fn = VP_WEIGHTINGS.get(weighting)
     _check_cfg_and_reduction(cfg_scale, reduction)
     dtype = _compute_dtype(x0)
-    eps_hat, x0c = epsilon.to(dtype), x0.to(dtype)
-    t = _expand(draw.t, x0).to(dtype)
-    if weighting in ("adaptive", "x0_mse"):
-        alpha, sigma = schedule.alpha_sigma(t)
-        err = (draw.x_t.to(dtype) - sigma * eps_hat) / alpha - x0c  # x0_hat - x0
-        if weighting == "adaptive":
-            return _adaptive_elbo(err, reduction) / cfg_scale
-        return -_reduce(err.square(), reduction)
-    sq = _reduce((eps_hat - draw.noise.to(dtype)).square(), reduction)
-    if weighting == "epsilon_mse":
-        return -sq / cfg_scale**2
-    return -0.5 * schedule.neg_dlogsnr_dt(draw.t.to(dtype)) * sq
+    terms = ElboTerms(
+        epsilon.to(dtype), x0.to(dtype), draw.x_t, draw.noise, _expand(draw.t, x0).to(dtype)
+    )
+    return fn(terms, schedule, cfg_scale, reduction, EXACT_T_OFFSET)
+
+
+def _vp_x0_error(z: ElboTerms, schedule: VpSchedule) -> Tensor:
+    alpha, sigma = schedule.alpha_sigma(z.t)
+    return (z.x_t.to(z.x0.dtype) - sigma * z.prediction) / alpha - z.x0  # x0_hat - x0
+
+
+@VP_WEIGHTINGS.register("adaptive")
+def _vp_adaptive(
+    z: ElboTerms, schedule: VpSchedule | None, cfg_scale: float, reduction: Reduction, _o: float
+) -> Tensor:
+    assert schedule is not None
+    return _adaptive_elbo(_vp_x0_error(z, schedule), reduction) / cfg_scale
+
+
+@VP_WEIGHTINGS.register("x0_mse")
+def _vp_x0_mse(
+    z: ElboTerms, schedule: VpSchedule | None, _g: float, reduction: Reduction, _o: float
+) -> Tensor:
+    assert schedule is not None
+    return -_reduce(_vp_x0_error(z, schedule).square(), reduction)
+
+
+@VP_WEIGHTINGS.register("epsilon_mse")
+def _vp_epsilon_mse(
+    z: ElboTerms, _s: VpSchedule | None, cfg_scale: float, reduction: Reduction, _o: float
+) -> Tensor:
+    sq = _reduce((z.prediction - z.noise.to(z.x0.dtype)).square(), reduction)
+    return -sq / cfg_scale**2
+
+
+@VP_WEIGHTINGS.register("exact")
+def _vp_exact(
+    z: ElboTerms, schedule: VpSchedule | None, _g: float, reduction: Reduction, _o: float
+) -> Tensor:
+    assert schedule is not None
+    sq = _reduce((z.prediction - z.noise.to(z.x0.dtype)).square(), reduction)
+    return -0.5 * schedule.neg_dlogsnr_dt(z.t.reshape(-1)) * sq
 
 
 def vp_elbo(
@@ -379,7 +452,7 @@ def vp_elbo(
     cond: Any,
     draw: NoiseDraw,
     schedule: VpSchedule,
-    weighting: VpWeighting = "adaptive",
+    weighting: str = "adaptive",
     *,
     cfg_scale: float = 1.0,
     reduction: Reduction = "mean",

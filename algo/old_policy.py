@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from algo.registry import Registry
+
 
 @dataclass(frozen=True)
 class DecaySchedule:
@@ -55,20 +57,19 @@ class DecaySchedule:
         return min(self.rate * (step - self.flat_steps), self.max_decay)
 
 
-OLD_POLICY_SCHEDULES: dict[str, DecaySchedule] = {
-    "copy": DecaySchedule(flat_steps=0, rate=0.0, max_decay=0.0),  # official DECAY_TYPE=0
-    "linear": DecaySchedule(flat_steps=0, rate=0.001, max_decay=0.5),  # 1: the paper's recipe
-    "delayed_slow": DecaySchedule(flat_steps=75, rate=0.0075, max_decay=0.999),  # 2
-    "delayed_fast": DecaySchedule(flat_steps=10, rate=0.01, max_decay=0.5),  # 3
-}
+OLD_POLICY_SCHEDULES: Registry[DecaySchedule] = Registry(
+    "old-policy schedule", "learner.old_policy_schedule"
+)
 """Named schedules; ``linear`` is the default (``d = min(0.001 step, 0.5)``)."""
+OLD_POLICY_SCHEDULES.add("copy", DecaySchedule(flat_steps=0, rate=0.0, max_decay=0.0))  # official 0
+OLD_POLICY_SCHEDULES.add("linear", DecaySchedule(0, rate=0.001, max_decay=0.5))  # 1: the recipe
+OLD_POLICY_SCHEDULES.add("delayed_slow", DecaySchedule(75, rate=0.0075, max_decay=0.999))  # 2
+OLD_POLICY_SCHEDULES.add("delayed_fast", DecaySchedule(10, rate=0.01, max_decay=0.5))  # 3
 
 
 def get_schedule(name: str) -> DecaySchedule:
     """The named schedule from ``OLD_POLICY_SCHEDULES`` (``ValueError`` if unknown)."""
-    if name not in OLD_POLICY_SCHEDULES:
-        raise ValueError(f"unknown schedule {name!r}; expected one of {list(OLD_POLICY_SCHEDULES)}")
-    return OLD_POLICY_SCHEDULES[name]
+    return OLD_POLICY_SCHEDULES.get(name)
 
 
 @torch.no_grad()

@@ -36,18 +36,71 @@ Source: DESIGN.md s.1, checked against ``jaemoo-choi/rethinking-diffusion-rl``
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, get_args
 
 import torch
 from torch import Tensor
 
-from learner.elbo import EXACT_T_OFFSET, FLOW_WEIGHTINGS, VP_WEIGHTINGS
+from algo.elbo import EXACT_T_OFFSET, FLOW_WEIGHTINGS, VP_WEIGHTINGS
+from algo.registry import Registry
 
-PolicyLoss = Literal["epg", "pepg", "par", "grpo", "epg_noratio", "pepg_noratio", "par_noratio"]
 Prediction = Literal["velocity", "epsilon"]
-POLICY_LOSSES: tuple[str, ...] = get_args(PolicyLoss)
 PREDICTIONS: tuple[str, ...] = get_args(Prediction)
+
+
+@dataclass(frozen=True)
+class PairTerms:
+    """Inputs of a per-pair loss, all (B,) in the estimate's dtype.
+
+    ``elbo`` carries the gradient; ``old`` and ``adv`` are constants; ``log_ratio`` is the
+    detached ``l = sg(E) - E_old`` and ``rho = exp(l)`` (ones for the ``*_noratio`` losses).
+    """
+
+    elbo: Tensor
+    old: Tensor
+    adv: Tensor
+    log_ratio: Tensor
+    clip_eps: float
+    adv_clip_max: float
+
+
+@dataclass(frozen=True)
+class PolicyLoss:
+    """A registered policy loss: its per-pair function and what it requires.
+
+    Attributes:
+        per_pair: ``(terms, rho) -> loss (B,)``, nothing reduced.
+        advantage: the advantage estimator the method defines this loss with (``None``: any);
+            the learner config refuses another.
+        ratio: weight each pair by ``rho = exp(l)``; ``False`` passes ``rho = 1``.
+    """
+
+    per_pair: Callable[[PairTerms, Tensor], Tensor]
+    advantage: str | None = None
+    ratio: bool = True
+
+
+LOSSES: Registry[PolicyLoss] = Registry("policy loss", "learner.loss")
+"""Every policy loss by name (module table); ``register_loss`` adds one."""
+
+
+def register_loss(
+    name: str, advantage: str | None = None, ratio_free_variant: bool = False
+) -> Callable[[Callable[[PairTerms, Tensor], Tensor]], Callable[[PairTerms, Tensor], Tensor]]:
+    """Decorator: register ``fn(terms, rho)`` as loss ``name`` (and ``name_noratio`` with
+    ``rho = 1`` when ``ratio_free_variant``)."""
+
+    def deco(
+        fn: Callable[[PairTerms, Tensor], Tensor],
+    ) -> Callable[[PairTerms, Tensor], Tensor]:
+        LOSSES.add(name, PolicyLoss(fn, advantage))
+        if ratio_free_variant:
+            LOSSES.add(f"{name}_noratio", PolicyLoss(fn, advantage, ratio=False))
+        return fn
+
+    return deco
 
 
 @dataclass(frozen=True)
@@ -70,7 +123,7 @@ class LossConfig:
         exact_t_offset: the ``exact`` weight is ``(1 - t)/(t + offset)`` (official 1e-3).
     """
 
-    loss: PolicyLoss = "pepg"
+    loss: str = "pepg"
     weighting: str = "adaptive"
     prediction: Prediction = "velocity"
     clip_eps: float = 1e-3
@@ -80,15 +133,14 @@ class LossConfig:
     exact_t_offset: float = EXACT_T_OFFSET
 
     def __post_init__(self) -> None:
-        if self.loss not in POLICY_LOSSES:
-            raise ValueError(f"unknown loss {self.loss!r}; expected one of {POLICY_LOSSES}")
+        LOSSES.get(self.loss)
         if self.prediction not in PREDICTIONS:
             raise ValueError(f"unknown prediction {self.prediction!r}; expected {PREDICTIONS}")
         allowed = FLOW_WEIGHTINGS if self.prediction == "velocity" else VP_WEIGHTINGS
         if self.weighting not in allowed:
             raise ValueError(
                 f"weighting {self.weighting!r} is not valid for {self.prediction} models; "
-                f"expected one of {allowed}"
+                f"expected one of {', '.join(allowed.names())}"
             )
         checks = [
             ("clip_eps", self.clip_eps > 0),
@@ -144,11 +196,11 @@ def policy_loss_per_pair(
     elbo: Tensor,
     elbo_old: Tensor,
     advantages: Tensor,
-    loss: PolicyLoss,
+    loss: str,
     clip_eps: float = 1e-3,
     adv_clip_max: float = 5.0,
 ) -> Tensor:
-    """The per-pair policy loss (B,) of the module table; nothing reduced.
+    """The per-pair policy loss (B,) of the module table (``LOSSES``); nothing reduced.
 
     ``elbo`` (B,) carries the gradient; ``elbo_old`` and ``advantages`` (B,) are treated as
     constants (detached here).
@@ -158,20 +210,32 @@ def policy_loss_per_pair(
             f"elbo, elbo_old, advantages must share one (B,) shape, got {tuple(elbo.shape)}, "
             f"{tuple(elbo_old.shape)}, {tuple(advantages.shape)}"
         )
+    spec = LOSSES.get(loss)
     old = elbo_old.detach().to(elbo.dtype)
     adv = advantages.detach().to(elbo.dtype)
     log_ratio = elbo.detach() - old  # l = sg(E) - E_old
-    rho = torch.ones_like(log_ratio) if loss.endswith("_noratio") else torch.exp(log_ratio)
-    base = loss.removesuffix("_noratio")
-    if base == "epg":
-        return -rho * adv * elbo
-    if base == "pepg":
-        return -rho * (adv - log_ratio) * elbo
-    if base == "par":
-        return 0.5 * rho * (adv - (elbo - old)).square()
-    if loss == "grpo":
-        return clipped_surrogate(elbo - old, adv, clip_eps, adv_clip_max)
-    raise ValueError(f"unknown loss {loss!r}; expected one of {POLICY_LOSSES}")
+    rho = torch.exp(log_ratio) if spec.ratio else torch.ones_like(log_ratio)
+    return spec.per_pair(PairTerms(elbo, old, adv, log_ratio, clip_eps, adv_clip_max), rho)
+
+
+@register_loss("epg", ratio_free_variant=True)
+def _epg(z: PairTerms, rho: Tensor) -> Tensor:
+    return -rho * z.adv * z.elbo
+
+
+@register_loss("pepg", ratio_free_variant=True)
+def _pepg(z: PairTerms, rho: Tensor) -> Tensor:
+    return -rho * (z.adv - z.log_ratio) * z.elbo
+
+
+@register_loss("par", ratio_free_variant=True)
+def _par(z: PairTerms, rho: Tensor) -> Tensor:
+    return 0.5 * rho * (z.adv - (z.elbo - z.old)).square()
+
+
+@register_loss("grpo", advantage="standard")
+def _grpo(z: PairTerms, rho: Tensor) -> Tensor:
+    return clipped_surrogate(z.elbo - z.old, z.adv, z.clip_eps, z.adv_clip_max)
 
 
 def girsanov_kl_per_pair(prediction: Tensor, ref_prediction: Tensor) -> Tensor:

@@ -2,14 +2,14 @@
 
 A rollout with the Flow-GRPO SDE stores its states ``x_{t_0} = noise, ..., x_{t_S} = x0``
 (B, S+1, ...) and the old policy's per-step log-probs (B, S). Under new weights each stochastic
-step ``i`` is a Gaussian transition ``N(mu_theta(x_{t_i}, t_i), std_i^2 I)`` (``rollout.samplers.
+step ``i`` is a Gaussian transition ``N(mu_theta(x_{t_i}, t_i), std_i^2 I)`` (``algo.samplers.
 sde_step``); its log-density of the stored ``x_{t_{i+1}}``, **averaged** over the non-batch dims
 (Flow-GRPO's convention), gives ``log_prob_theta`` and the ratio
 ``r = exp(log_prob_theta - log_prob_old)``. The loss per (sample, step) is the clipped surrogate
 ``max(-A_c r, -A_c clip(r, 1 - eps, 1 + eps))``, plus ``beta`` times the per-step KL between the
 two Gaussians with the same std, ``mean((mu_theta - mu_ref)^2 / (2 std^2))``.
 
-Normalisation is the ELBO losses' (``learner.losses``): the sum over this call's pairs divided by
+Normalisation is the ELBO losses' (``algo.losses``): the sum over this call's pairs divided by
 ``N K``, with K the number of trained steps per sample, so the sum over step indices,
 microbatches and ranks is the mean over all (sample, step) pairs.
 
@@ -25,9 +25,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from learner.elbo import ModelFn
-from learner.losses import GlobalNormalizer, clipped_surrogate, pair_metrics
-from rollout.samplers import SdeStepOutput, sde_step
+from algo.elbo import ModelFn
+from algo.losses import GlobalNormalizer, pair_metrics, policy_loss_per_pair
+from algo.samplers import SdeStepOutput, sde_step
 
 
 def gather_steps(
@@ -124,9 +124,11 @@ def flow_grpo_loss(
     adv_clip_max: float = 5.0,
     beta: float = 0.0,
     kl: Tensor | None = None,
+    loss: str = "grpo",
 ) -> tuple[Tensor, dict[str, float]]:
-    """One step-column's share of the Flow-GRPO loss: ``(sum_i surrogate_i + beta sum_i kl_i)
-    / (N K)``.
+    """One step-column's share of the trajectory loss: ``(sum_i loss_i + beta sum_i kl_i)
+    / (N K)``; Flow-GRPO's clipped surrogate with ``loss = "grpo"``, or any registered policy
+    loss (``algo.losses.LOSSES``) with ``E = log_prob`` and ``E_old = old_log_prob``.
 
     Args:
         log_prob: current policy's step log-prob (B,), with gradient.
@@ -136,27 +138,27 @@ def flow_grpo_loss(
         clip_eps: ratio clip half-width (official 1e-3).
         adv_clip_max: advantage clamp.
         beta: KL coefficient; ``kl`` (B,) from ``sde_mean_kl`` is required iff beta > 0.
+        loss: the policy loss (default the baseline's own, ``grpo``).
 
     Returns:
-        ``(loss, metrics)`` with the ratio diagnostics of ``learner.losses.pair_metrics``.
+        ``(loss, metrics)`` with the ratio diagnostics of ``algo.losses.pair_metrics``.
     """
     if not log_prob.shape == old_log_prob.shape == advantages.shape or log_prob.ndim != 1:
         raise ValueError("log_prob, old_log_prob and advantages must share one (B,) shape")
     if (kl is None) != (beta == 0):
         raise ValueError(f"kl must be given iff beta > 0 (beta={beta})")
-    old = old_log_prob.detach().to(log_prob.dtype)
-    log_ratio = log_prob - old
-    per_pair = clipped_surrogate(
-        log_ratio, advantages.detach().to(log_prob.dtype), clip_eps, adv_clip_max
+    log_ratio = log_prob - old_log_prob.detach().to(log_prob.dtype)
+    per_pair = policy_loss_per_pair(
+        log_prob, old_log_prob, advantages, loss, clip_eps, adv_clip_max
     )
     policy = per_pair.sum() / normalizer.num_pairs
-    loss = policy if kl is None else policy + beta * kl.sum() / normalizer.num_pairs
+    total = policy if kl is None else policy + beta * kl.sum() / normalizer.num_pairs
     metrics = pair_metrics(log_ratio, advantages, clip_eps)
     metrics["learner/policy_loss"] = float(policy.detach())
-    metrics["learner/loss"] = float(loss.detach())
+    metrics["learner/loss"] = float(total.detach())
     if kl is not None:
         metrics["learner/kl_mean"] = float(kl.detach().mean())
-    return loss, metrics
+    return total, metrics
 
 
 def flow_grpo_microbatch_loss(
@@ -173,6 +175,7 @@ def flow_grpo_microbatch_loss(
     clip_eps: float = 1e-3,
     adv_clip_max: float = 5.0,
     beta: float = 0.0,
+    loss: str = "grpo",
 ) -> tuple[Tensor, dict[str, float]]:
     """The baseline's reference loss for one microbatch and one step column (call per column,
     ``loss.backward()`` each: gradient accumulation, as for the ELBO path).
@@ -199,4 +202,5 @@ def flow_grpo_microbatch_loss(
         adv_clip_max,
         beta,
         kl,
+        loss,
     )

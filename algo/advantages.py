@@ -21,16 +21,40 @@ Source: DESIGN.md s.1; checked against ``jaemoo-choi/rethinking-diffusion-rl``
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, get_args
 
 import torch
 from torch import Tensor
 
-AdvantageMethod = Literal["exact", "standard"]
+from algo.registry import Registry
+
 StdScope = Literal["group", "round"]
-ADVANTAGE_METHODS: tuple[str, ...] = get_args(AdvantageMethod)
 STD_SCOPES: tuple[str, ...] = get_args(StdScope)
+
+
+@dataclass(frozen=True)
+class GroupStats:
+    """One round's rewards against their groups, float64: ``rewards`` (N,), ``centered``
+    (N,) = R - mean_g, ``group_std`` (N,) the population std of each sample's group."""
+
+    rewards: Tensor
+    centered: Tensor
+    group_std: Tensor
+
+
+@dataclass(frozen=True)
+class AdvantageEstimator:
+    """A registered advantage: ``fn(stats, config) -> unscaled advantages (N,)`` and the scale
+    used when ``AdvantageConfig.scale`` is None."""
+
+    fn: Callable[[GroupStats, AdvantageConfig], Tensor]
+    default_scale: float
+
+
+ADVANTAGES: Registry[AdvantageEstimator] = Registry("advantage", "learner.advantage")
+"""Every advantage estimator by name (module docstring)."""
 
 
 @dataclass(frozen=True)
@@ -45,14 +69,13 @@ class AdvantageConfig:
         std_eps: ``standard`` only: added to the std (official 1e-4), reward units.
     """
 
-    method: AdvantageMethod = "exact"
+    method: str = "exact"
     scale: float | None = None
     std_scope: StdScope = "group"
     std_eps: float = 1e-4
 
     def __post_init__(self) -> None:
-        if self.method not in ADVANTAGE_METHODS:
-            raise ValueError(f"unknown method {self.method!r}; expected {ADVANTAGE_METHODS}")
+        ADVANTAGES.get(self.method)
         if self.std_scope not in STD_SCOPES:
             raise ValueError(f"unknown std_scope {self.std_scope!r}; expected {STD_SCOPES}")
         if self.scale is not None and not self.scale > 0:
@@ -65,7 +88,7 @@ class AdvantageConfig:
         """The scale in use: the given one, or 0.1 (exact) / 1.0 (standard)."""
         if self.scale is not None:
             return self.scale
-        return 0.1 if self.method == "exact" else 1.0
+        return ADVANTAGES.get(self.method).default_scale
 
 
 def compute_advantages(
@@ -95,10 +118,8 @@ def compute_advantages(
     var_g = torch.zeros_like(mean_g).index_add_(0, inverse, centered.square()) / counts
     std_g = var_g.sqrt()
     degenerate_g = (counts == 1) | (var_g == 0)  # (G,)
-    adv = centered
-    if config.method == "standard":
-        std = std_g[inverse] if config.std_scope == "group" else r.std(unbiased=False)
-        adv = adv / (std + config.std_eps)
+    stats = GroupStats(rewards=r, centered=centered, group_std=std_g[inverse])
+    adv = ADVANTAGES.get(config.method).fn(stats, config)
     adv = config.effective_scale * adv
     adv = torch.where(degenerate_g[inverse], torch.zeros_like(adv), adv)
     out_dtype = torch.promote_types(rewards.dtype, torch.float32)
@@ -116,6 +137,19 @@ def compute_advantages(
         "reward/adv_min": float(adv.min()),
     }
     return adv.to(out_dtype), metrics
+
+
+def _exact(stats: GroupStats, config: AdvantageConfig) -> Tensor:
+    return stats.centered
+
+
+def _standard(stats: GroupStats, config: AdvantageConfig) -> Tensor:
+    std = stats.group_std if config.std_scope == "group" else stats.rewards.std(unbiased=False)
+    return stats.centered / (std + config.std_eps)
+
+
+ADVANTAGES.add("exact", AdvantageEstimator(_exact, default_scale=0.1))
+ADVANTAGES.add("standard", AdvantageEstimator(_standard, default_scale=1.0))
 
 
 def _check_inputs(rewards: Tensor, group_ids: Tensor) -> None:

@@ -3,7 +3,7 @@
 Component layer (no Ray): ``services.actors.RolloutWorker`` wraps one. It holds the sampling
 policy, loads published weights (a dict of numpy arrays, read zero-copy from Ray's object
 store), and generates images for a list of prompts, tagging every sample with the policy
-version that made it.
+version that made it. The records here are what crosses the process boundary.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from torch import Tensor
 
 from policy.base import Policy
 from policy.state import StateDict, checksum, load_numpy_state
+from rollout.config import EvalConfig, SamplingConfig
 from rollout.evaluate import evaluate
 from rollout.generate import generate
-from services.config import EvalConfig, SamplingConfig
-from worlds.shapes.grammar import ShapesPrompt
+from worlds.base import World
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,35 @@ class RolloutSamples:
     log_probs: Tensor | None = None
 
 
+@dataclass(frozen=True)
+class RolloutReceipt:
+    """The small record of a finished ``generate`` call the driver reads (images stay put)."""
+
+    count: int
+    version: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class WeightsLoaded:
+    """A rollout worker's report after loading published weights."""
+
+    version: int
+    checksum: str
+    bytes: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """A held-out evaluation: the world's summary and the images with prompts and scores."""
+
+    summary: dict[str, object]
+    images: np.ndarray
+    prompts: list[str]
+    scores: list[float]
+
+
 class RolloutEngine:
     """Holds the sampling policy and generates tagged rollouts with it."""
 
@@ -64,25 +93,20 @@ class RolloutEngine:
             checksum({k: v.numpy() for k, v in self.policy.state_dict().items()}),
         )
 
-    def load_weights(self, state: StateDict, version: int) -> dict[str, float | int | str]:
+    def load_weights(self, state: StateDict, version: int) -> WeightsLoaded:
         """Load published sampling weights; report the version, checksum and timing."""
         start = time.monotonic()
         load_numpy_state(self.policy, state)
         self.version, self.checksum = version, checksum(state)
         nbytes = sum(v.nbytes for v in state.values())
-        return {
-            "version": version,
-            "checksum": self.checksum,
-            "bytes": nbytes,
-            "seconds": time.monotonic() - start,
-        }
+        return WeightsLoaded(version, self.checksum, nbytes, time.monotonic() - start)
 
     def generate(
         self, prompts: Sequence[str], sample_ids: np.ndarray, group_ids: np.ndarray, seed: int
     ) -> tuple[RolloutImages, RolloutSamples]:
         """One image per prompt entry (prompts repeat K times for a group)."""
         start = time.monotonic()
-        keep = self.sampling.sampler == "sde"
+        keep = self.sampling.stochastic
         out = generate(
             self.policy,
             list(prompts),
@@ -108,15 +132,16 @@ class RolloutEngine:
         return images, samples
 
     def evaluate(
-        self, state: StateDict | None, prompts: list[ShapesPrompt], cfg: EvalConfig, seed: int
-    ) -> tuple[dict[str, object], np.ndarray, list[str], list[float]]:
+        self, state: StateDict | None, world: World, prompts: list[str], cfg: EvalConfig, seed: int
+    ) -> EvalResult:
         """Held-out evaluation of ``state`` (e.g. the current weights), then restore ours."""
         backup = {k: v.clone() for k, v in self.policy.state_dict().items()}
         try:
             if state is not None:
                 load_numpy_state(self.policy, state)
             with torch.no_grad():
-                report = evaluate(self.policy, prompts, cfg, seed)
+                report = evaluate(self.policy, world, prompts, cfg, seed)
         finally:
             self.policy.load_state_dict(backup)
-        return (report.summary, report.images, report.prompts, [r.score for r in report.results])
+        scores = [r.score for r in report.results]
+        return EvalResult(report.summary, report.images, report.prompts, scores)

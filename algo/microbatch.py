@@ -13,7 +13,7 @@ index, so ``cond`` is never repeated or indexed) and once per microbatch; with `
 of samples over all microbatches and ranks in the optimizer step and ``K`` the timesteps per
 sample, the sum of all these losses (and gradients, summed over ranks) is the mean over all
 ``N K`` (sample, timestep) pairs. Data-parallel engines that *average* gradients over ranks must
-scale the loss by the world size (see ``learner.losses``). ``accumulate_microbatch`` is the
+scale the loss by the world size (see ``algo.losses``). ``accumulate_microbatch`` is the
 loop for one microbatch and all K indices.
 
 This file is the plain-torch reference the distributed learner wraps; it holds no optimizer,
@@ -23,24 +23,22 @@ draw follow ``jaemoo-choi/rethinking-diffusion-rl`` ``src/utils/base.py:compute_
 
 from __future__ import annotations
 
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from learner.elbo import (
+from algo.elbo import (
     ElboOutput,
-    FlowWeighting,
     ModelFn,
     NoiseDraw,
     VpSchedule,
-    VpWeighting,
     flow_elbo,
     flow_noise_draw,
     vp_elbo,
     vp_noise_draw,
 )
-from learner.losses import GlobalNormalizer, LossConfig, elbo_policy_loss, girsanov_kl_per_pair
+from algo.losses import GlobalNormalizer, LossConfig, elbo_policy_loss, girsanov_kl_per_pair
 
 
 def make_noise_draw(
@@ -121,7 +119,7 @@ def accumulate_microbatch(
 ) -> dict[str, float]:
     """Backward through all K timestep indices of one microbatch; returns merged metrics.
 
-    ``timesteps`` (B, K) come from ``learner.elbo.select_sampler_timesteps`` or
+    ``timesteps`` (B, K) come from ``algo.elbo.select_sampler_timesteps`` or
     ``sample_timesteps``; eps is fresh per (sample, timestep) from ``generator`` unless
     ``noise`` (B, K, ...) is given. Gradients accumulate in the model's ``.grad``; the optimizer
     step is the caller's. Metrics: ``learner/loss`` and ``learner/policy_loss`` are summed over
@@ -168,7 +166,7 @@ def _elbo(
             x0,
             cond,
             draw,
-            cast(FlowWeighting, config.weighting),
+            config.weighting,
             cfg_scale=config.cfg_scale,
             exact_t_offset=config.exact_t_offset,
         )
@@ -178,7 +176,7 @@ def _elbo(
         cond,
         draw,
         _require_schedule(vp_schedule),
-        cast(VpWeighting, config.weighting),
+        config.weighting,
         cfg_scale=config.cfg_scale,
     )
 

@@ -1,0 +1,111 @@
+"""Settings of the policy model: which kind, where its weights are, LoRA, pretraining."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from common.config import PositiveInt, Section
+
+
+class LoraConfig(Section):
+    """Low-rank adapters on the attention projections (peft); rank 0 trains all weights."""
+
+    rank: int = Field(0, ge=0, description="LoRA rank r; 0 disables LoRA (full fine-tuning).")
+    alpha: int = Field(0, ge=0, description="LoRA alpha; scale is alpha / rank. 0 means 2 * rank.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"],
+        description="Module name suffixes that receive adapters.",
+    )
+
+
+class ModelConfig(Section):
+    """Which policy model to load or build."""
+
+    kind: str = Field(
+        "tiny",
+        description="Model family, a registered kind (`policy/models.py`): `tiny` is the "
+        "built-in pixel-space flow model; SD3/FLUX/SD1.5 adapters loaded from a local "
+        "directory come later behind the same interface.",
+    )
+    checkpoint: str | None = Field(
+        "checkpoints/shapes-base",
+        description="Directory of a saved model (config.json + model.safetensors); null builds "
+        "a randomly initialised model from `arch`.",
+    )
+    arch: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Architecture of a model built from scratch, validated by its kind (for "
+        "`tiny`: `policy.tiny.TinyArchConfig`: channels, layers_per_block, text_dim, "
+        "text_layers, pack). Defaults are filled in.",
+    )
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="Adapter settings for RL.")
+
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, v: str) -> str:
+        from policy.models import model_kinds
+
+        return model_kinds().check(v)
+
+    @model_validator(mode="after")
+    def _arch_of_the_kind(self) -> ModelConfig:
+        """``arch`` holds the kind's own validated settings, defaults filled in."""
+        from policy.models import model_kind
+
+        arch_cls = model_kind(self.kind).arch_config
+        if arch_cls is None:
+            if self.arch:
+                raise ValueError(f"model kind {self.kind!r} takes no `arch` settings")
+            return self
+        try:
+            full = arch_cls.model_validate(self.arch).model_dump(mode="json")
+        except ValidationError as err:
+            problems = "; ".join(
+                f"arch.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()
+            )
+            raise ValueError(problems) from None
+        object.__setattr__(self, "arch", full)
+        return self
+
+    def arch_settings(self) -> Section:
+        """The kind's typed architecture settings."""
+        from policy.models import model_kind
+
+        arch_cls = model_kind(self.kind).arch_config
+        if arch_cls is None:
+            raise ValueError(f"model kind {self.kind!r} has no architecture settings")
+        return arch_cls.model_validate(self.arch)
+
+
+class PretrainConfig(Section):
+    """Supervised flow-matching pretraining of the base policy on rendered images."""
+
+    steps: PositiveInt = Field(2000, description="Optimizer steps.")
+    batch_size: PositiveInt = Field(64, description="Images per optimizer step.")
+    lr: float = Field(1e-3, gt=0, description="AdamW learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay.")
+    warmup_steps: int = Field(100, ge=0, description="Linear learning-rate warm-up, in steps.")
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant",
+        description="After warm-up: keep `lr` (constant) or decay it along a half cosine to "
+        "`min_lr_ratio * lr` at the last step (cosine).",
+    )
+    min_lr_ratio: float = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description="Final learning rate of the cosine schedule, as a fraction of `lr`.",
+    )
+    ema_decay: float = Field(
+        0.999, ge=0, lt=1, description="EMA decay of the saved weights per step."
+    )
+    prompt_dropout: float = Field(
+        0.1, ge=0, le=1, description="Fraction of prompts replaced by the empty prompt (for CFG)."
+    )
+    max_minutes: float | None = Field(
+        None, gt=0, description="Stop early after this much wall-clock time (minutes); null = none."
+    )
+    eval_every: int = Field(500, ge=0, description="Steps between quick held-out evals; 0 = never.")
+    output: str = Field("checkpoints/shapes-base", description="Directory the checkpoint goes to.")

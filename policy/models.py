@@ -1,0 +1,65 @@
+"""Model kinds: how each family of policy is built, saved and loaded (``model.kind``).
+
+A kind is one module that defines its ``Policy`` subclass and registers a ``ModelKind``::
+
+    MODELS.add("tiny", ModelKind(arch_config=TinyArchConfig, build=..., load=..., save=...))
+
+and one line here (``_BUILTIN_KINDS``) for a built-in kind; a user's own kind is named by
+import path (``model.kind: mypkg.mymodel:KIND``). ``policy/tiny.py`` is the worked example
+(docs/extending.md).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from algo.registry import Registry
+from common.config import Section
+from policy.base import Policy
+
+
+@dataclass(frozen=True)
+class ModelKind:
+    """One model family.
+
+    Attributes:
+        arch_config: the settings of a model built from scratch (``model.arch``), or None for
+            kinds that only load.
+        build: ``(arch, image_size, vocabulary) -> Policy``, freshly initialised.
+        load: ``(directory, meta) -> Policy`` from a saved directory (``meta`` is its
+            ``config.json``).
+        save: ``(policy) -> (meta, state)``: what ``config.json`` records besides the kind and
+            provenance, and the tensors to write; None if the kind cannot be saved.
+    """
+
+    arch_config: type[Section] | None
+    build: Callable[[Any, int, list[str]], Policy] | None
+    load: Callable[[Path, dict[str, Any]], Policy]
+    save: Callable[[Policy], tuple[dict[str, Any], dict[str, Any]]] | None = None
+
+
+MODELS: Registry[ModelKind] = Registry("model kind", "model.kind")
+_BUILTIN_KINDS = ("policy.tiny",)
+
+
+def model_kinds() -> Registry[ModelKind]:
+    """The registry, with the built-in kinds imported."""
+    for module in _BUILTIN_KINDS:
+        importlib.import_module(module)
+    return MODELS
+
+
+def model_kind(name: str) -> ModelKind:
+    return model_kinds().get(name)
+
+
+def kind_of(policy: Policy) -> str:
+    """The registered kind name of a policy instance."""
+    name = getattr(policy, "kind", None)
+    if not isinstance(name, str):
+        raise TypeError(f"{type(policy).__name__} does not say which model kind it is")
+    return name

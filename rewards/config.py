@@ -1,0 +1,76 @@
+"""Settings of the reward pool: which rewards, their weights and ranges, actors and timeouts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field, field_validator, model_validator
+
+from common.config import PositiveInt, Resources, Section
+
+
+class RewardSpec(Section):
+    """One reward function in the weighted sum."""
+
+    name: str = Field(
+        ...,
+        min_length=1,
+        description="A registered reward (`elborl config` lists them; built in: the world's "
+        "own, e.g. `shapes` (fraction of clauses passed) and `shapes_strict` (1 if every clause "
+        "passes), and `jpeg_(in)compressibility` (-/+ JPEG kB)); or your own as "
+        "`package.module:ClassName` (a `rewards.base.Reward` subclass importable on every node).",
+    )
+    weight: float = Field(1.0, description="Weight of this reward in the total (dimensionless).")
+    params: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Keyword arguments for a `module:Class` reward's constructor (none for "
+        "the built-ins).",
+    )
+    range: tuple[float, float] | None = Field(
+        None,
+        description="Valid score range [low, high]; a score outside it (or NaN/inf) makes the "
+        "sample invalid (dropped and counted). Default: the reward's own declared range.",
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _known_name(cls, v: str) -> str:
+        from rewards.base import reward_names
+
+        module, sep, attr = v.partition(":")
+        if v in reward_names() or (sep and module and attr.isidentifier()):
+            return v
+        raise ValueError(
+            f"unknown reward {v!r}: use one of {', '.join(reward_names())} or an import "
+            "path `package.module:ClassName`"
+        )
+
+    @model_validator(mode="after")
+    def _check(self) -> RewardSpec:
+        from rewards.base import reward_names
+
+        if self.params and self.name in reward_names():
+            raise ValueError(f"reward {self.name!r} takes no params")
+        if self.range is not None and not self.range[0] < self.range[1]:
+            raise ValueError(f"range {list(self.range)} must be [low, high] with low < high")
+        return self
+
+
+class RewardsConfig(Section):
+    """The reward actor pool."""
+
+    functions: list[RewardSpec] = Field(
+        default_factory=lambda: [RewardSpec(name="shapes")],
+        min_length=1,
+        description="Reward functions and weights; each is also logged on its own.",
+    )
+    num_actors: PositiveInt = Field(1, description="Reward actors in the pool.")
+    resources: Resources = Field(
+        default_factory=lambda: Resources(num_cpus=0.5), description="Per-actor resources."
+    )
+    timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="Per-call scoring timeout, seconds: a reward actor that has not answered "
+        "by then is killed and replaced, and the batch retried (see `faults.reward_retries`).",
+    )
