@@ -241,28 +241,33 @@ def flow_elbo_from_velocity(
     return fn(terms, None, cfg_scale, reduction, exact_t_offset)
 
 
+def _flow_x0_error(z: ElboTerms) -> Tensor:
+    return z.x_t.to(z.x0.dtype) - z.t * z.prediction - z.x0  # x0_hat - x0
+
+
+def _velocity_error(z: ElboTerms) -> Tensor:
+    return z.prediction - (z.noise.to(z.x0.dtype) - z.x0)  # v - u
+
+
 @FLOW_WEIGHTINGS.register("adaptive")
 def _flow_adaptive(
     z: ElboTerms, _s: VpSchedule | None, cfg_scale: float, reduction: Reduction, _o: float
 ) -> Tensor:
-    err = z.x_t.to(z.x0.dtype) - z.t * z.prediction - z.x0  # x0_hat - x0
-    return _adaptive_elbo(err, reduction) / cfg_scale
+    return _adaptive_elbo(_flow_x0_error(z), reduction) / cfg_scale
 
 
 @FLOW_WEIGHTINGS.register("x0_mse")
 def _flow_x0_mse(
     z: ElboTerms, _s: VpSchedule | None, _g: float, reduction: Reduction, _o: float
 ) -> Tensor:
-    err = z.x_t.to(z.x0.dtype) - z.t * z.prediction - z.x0  # x0_hat - x0
-    return -_reduce(err.square(), reduction)
+    return -_reduce(_flow_x0_error(z).square(), reduction)
 
 
 @FLOW_WEIGHTINGS.register("velocity_mse")
 def _flow_velocity_mse(
     z: ElboTerms, _s: VpSchedule | None, cfg_scale: float, reduction: Reduction, _o: float
 ) -> Tensor:
-    err_v = z.prediction - (z.noise.to(z.x0.dtype) - z.x0)  # v - u
-    return -_reduce(err_v.square(), reduction) / cfg_scale**2
+    return -_reduce(_velocity_error(z).square(), reduction) / cfg_scale**2
 
 
 @FLOW_WEIGHTINGS.register("exact")
@@ -271,9 +276,8 @@ def _flow_exact(
 ) -> Tensor:
     if offset < 0:
         raise ValueError(f"exact_t_offset must be >= 0, got {offset}")
-    err_v = z.prediction - (z.noise.to(z.x0.dtype) - z.x0)  # v - u
     weight = (1.0 - z.t) / (z.t + offset)
-    return -_reduce(weight * err_v.square(), reduction)
+    return -_reduce(weight * _velocity_error(z).square(), reduction)
 
 
 def flow_elbo(

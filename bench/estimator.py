@@ -49,6 +49,8 @@ def child(estimator: str, k: int, n: int, repeat: int) -> dict[str, float]:
         num_timesteps=k,
         estimator="elbo" if estimator == "elbo" else "trajectory",
         loss="pepg" if estimator == "elbo" else "grpo",
+        advantage="exact" if estimator == "elbo" else "standard",
+        advantage_std="round",
         kl_beta=0.01,
         lr=1e-4,
     )

@@ -74,6 +74,8 @@ def cell_config(
         "learner": {
             "estimator": est,
             "loss": loss,
+            # GRPO as the method defines it: the standard advantage, std over the round
+            **({"advantage": "standard", "advantage_std": "round"} if loss == "grpo" else {}),
             "num_timesteps": 2,
             "microbatch_size": 8 if quick else 32,
             "lr": 1e-4,

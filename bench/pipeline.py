@@ -86,14 +86,14 @@ def _row(name: str, seconds: list[float]) -> dict[str, Any]:
 
 def single_process(cfg: RunConfig) -> list[float]:
     """Seconds per round of the plain loop."""
-    from algo.advantages import AdvantageConfig, compute_advantages
+    from algo.advantages import compute_advantages
     from bench.learner import _init_dist
     from learner.engine import LearnerEngine, TrainBatch
     from policy.io import load_policy
     from rewards.pool import RewardScorer
     from rollout.engine import RolloutEngine
     from services.prompts import PromptDealer
-    from worlds.shapes.grammar import split_prompts
+    from worlds.base import make_world
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     _init_dist()
@@ -101,8 +101,8 @@ def single_process(cfg: RunConfig) -> list[float]:
     rollout = RolloutEngine(load_policy(BASE), ro.sampling)
     scorer = RewardScorer(cfg.rewards.functions)
     learner = LearnerEngine(load_policy(BASE), lc, ro.sampling, cfg.seed)
-    dealer = PromptDealer([p.text for p in split_prompts("train")], cfg.seed)
-    adv_cfg = AdvantageConfig(method=lc.advantage, scale=lc.advantage_scale)
+    dealer = PromptDealer(make_world(cfg.world).prompts(cfg.world.train_prompts), cfg.seed)
+    adv_cfg = lc.advantage_config()  # the one mapping from the config (std_scope included)
     times = []
     for r in range(1, cfg.train.rounds + 1):
         start = time.perf_counter()

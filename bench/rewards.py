@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import ray
@@ -19,28 +20,26 @@ from bench.common import median, parse_args, write
 from rollout.engine import RolloutImages
 from services.actors import RewardWorker
 from services.config import RewardSpec
-from worlds.shapes.grammar import split_prompts
-from worlds.shapes.render import render_batch
+from worlds.base import WorldConfig, make_world
 
 SPECS = [RewardSpec(name="shapes"), RewardSpec(name="jpeg_incompressibility", weight=0.01)]
 
 
 def _chunks(num: int, size: int) -> list[RolloutImages]:
-    prompts = [p.text for p in split_prompts("train")]
+    world = make_world(WorldConfig(name="shapes"))
+    prompts = world.prompts("train")
     rng = np.random.default_rng(0)
     out = []
     for c in range(num):
         ps = [prompts[(c * size + i) % len(prompts)] for i in range(size)]
         ids = np.arange(c * size, (c + 1) * size)
-        out.append(RolloutImages(ids, ids // 4, ps, render_batch(ps, rng), 0, 0.0))
+        out.append(RolloutImages(ids, ids // 4, ps, world.render(ps, rng), 0, 0.0))
     return out
 
 
 def _throughput(refs: list[ray.ObjectRef], actors: int, images: int, repeat: int) -> list[float]:
-    pool = [
-        RewardWorker.options(num_cpus=1).remote(SPECS, 1)  # type: ignore[attr-defined]
-        for _ in range(actors)
-    ]
+    remote: Any = ray.remote(RewardWorker).options(num_cpus=1)
+    pool: list[Any] = [remote.remote(SPECS, 1) for _ in range(actors)]
     ray.get([a.pid.remote() for a in pool])
     ray.get([pool[i % actors].score.remote(r) for i, r in enumerate(refs[:actors])])  # warm up
     rates = []

@@ -1,4 +1,6 @@
-"""The base of every config section, and the Ray resources one actor of a role reserves.
+"""The base of every config section, the Ray resources one actor of a role reserves, and the
+sampler settings both the rollouts and the learner read (the learner takes its ELBO
+timesteps from the rollout sampler's own grid).
 
 Each component owns the pydantic models of its own settings (``learner/config.py``,
 ``rollout/config.py``, ``rewards/config.py``, ``policy/config.py``, the world's beside the
@@ -11,7 +13,9 @@ from __future__ import annotations
 import math
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from algo.samplers import SAMPLERS
 
 PositiveInt = Annotated[int, Field(gt=0)]
 
@@ -43,3 +47,31 @@ class Resources(Section):
     def threads(self) -> int:
         """torch intra-op threads for one actor of this role."""
         return self.torch_threads or max(1, math.ceil(self.num_cpus))
+
+
+class SamplingConfig(Section):
+    """How images are drawn from a policy (ODE/SDE solver settings)."""
+
+    sampler: str = Field(
+        "dpm2",
+        description="A registered sampler (`algo/samplers.py`): `dpm2` (2nd-order "
+        "DPM-Solver), `euler` ODE, or the Flow-GRPO `sde`.",
+    )
+    num_steps: PositiveInt = Field(10, description="Solver steps from t=1 (noise) to t=0.")
+    shift: float = Field(1.0, gt=0, description="SD3 timestep shift of the sigma grid (1 = none).")
+    eta: float = Field(0.7, ge=0, description="SDE noise level (only for stochastic samplers).")
+    guidance: float = Field(
+        1.0,
+        ge=1.0,
+        description="Classifier-free guidance scale G; 1 disables the unconditional pass.",
+    )
+
+    @field_validator("sampler")
+    @classmethod
+    def _registered(cls, v: str) -> str:
+        return SAMPLERS.check(v)
+
+    @property
+    def stochastic(self) -> bool:
+        """Whether the sampler draws noise per step and records log-probs (a trajectory)."""
+        return SAMPLERS.get(self.sampler).stochastic

@@ -6,6 +6,11 @@
 #   RAY_AUTH_MODE=token  and the cluster's token in ~/.ray/auth_token or RAY_AUTH_TOKEN_PATH
 #                        (Ray 2.60 turns token authentication on by default; keep it on)
 #   ELBORL_NO_WAIT=1     submit and return instead of following the logs
+#   ELBORL_RUNS_DIR      where run directories go unless the config's runs_dir is absolute
+#                        (default: this checkout's runs/, as an absolute path). The job's own
+#                        working directory is temporary (Ray deletes it), so the driver gets an
+#                        absolute root; on a multi-node cluster point it at storage every node
+#                        sees. `elborl serve --runs-dir` and `--resume` find runs there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 config=${1:-configs/shapes.yaml}
@@ -16,7 +21,9 @@ wait_flag=()
 [ "${ELBORL_NO_WAIT:-0}" = 1 ] && wait_flag=(--no-wait)
 RAY=${RAY:-ray}
 command -v "$RAY" >/dev/null || RAY=.venv/bin/ray
+runs_root=${ELBORL_RUNS_DIR:-$PWD/runs}
+case "$runs_root" in /*) ;; *) runs_root="$PWD/$runs_root" ;; esac
 exec "$RAY" job submit "${wait_flag[@]}" \
   --runtime-env deploy/runtime_env.yaml \
   --entrypoint-num-cpus 0 \
-  -- elborl train --config "$config" "$@"
+  -- env ELBORL_RUNS_DIR="$runs_root" elborl train --config "$config" "$@"

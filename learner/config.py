@@ -7,16 +7,24 @@ driver, the engine and the benchmarks all call them.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from algo.advantages import ADVANTAGES, AdvantageConfig
 from algo.elbo import FLOW_WEIGHTINGS, VP_WEIGHTINGS
 from algo.losses import LOSSES, LossConfig
 from algo.old_policy import OLD_POLICY_SCHEDULES
+from algo.registry import Registry
 from common.config import PositiveInt, Resources, Section
 from learner.estimators import ESTIMATORS
+
+_REGISTRIES: dict[str, Registry[Any]] = {
+    "loss": LOSSES,
+    "estimator": ESTIMATORS,
+    "advantage": ADVANTAGES,
+    "old_policy_schedule": OLD_POLICY_SCHEDULES,
+}
 
 
 class LearnerConfig(Section):
@@ -76,25 +84,10 @@ class LearnerConfig(Section):
         "`copy`: d = 0; `delayed_slow`, `delayed_fast`.",
     )
 
-    @field_validator("loss")
+    @field_validator("loss", "estimator", "advantage", "old_policy_schedule")
     @classmethod
-    def _loss(cls, v: str) -> str:
-        return LOSSES.check(v)
-
-    @field_validator("estimator")
-    @classmethod
-    def _estimator(cls, v: str) -> str:
-        return ESTIMATORS.check(v)
-
-    @field_validator("advantage")
-    @classmethod
-    def _advantage(cls, v: str) -> str:
-        return ADVANTAGES.check(v)
-
-    @field_validator("old_policy_schedule")
-    @classmethod
-    def _schedule(cls, v: str) -> str:
-        return OLD_POLICY_SCHEDULES.check(v)
+    def _registered(cls, v: str, info: ValidationInfo) -> str:
+        return _REGISTRIES[str(info.field_name)].check(v)
 
     @field_validator("elbo_weighting")
     @classmethod

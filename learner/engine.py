@@ -41,6 +41,7 @@ from algo.losses import LossConfig
 from algo.microbatch import merge_metrics
 from algo.old_policy import ema_update_, get_schedule
 from algo.samplers import get_sampler
+from common.config import SamplingConfig
 from learner.batch import TrainBatch
 from learner.config import LearnerConfig
 from learner.estimators import ESTIMATORS
@@ -48,7 +49,6 @@ from policy.base import Policy
 from policy.config import LoraConfig
 from policy.lora import add_lora, trainable_keys
 from policy.state import StateDict, checksum, to_numpy_state
-from rollout.config import SamplingConfig
 
 log = logging.getLogger(__name__)
 

@@ -2,38 +2,11 @@
 
 from __future__ import annotations
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
-from algo.samplers import SAMPLERS
-from common.config import PositiveInt, Resources, Section
+from common.config import PositiveInt, Resources, SamplingConfig, Section
 
-
-class SamplingConfig(Section):
-    """How images are drawn from a policy (ODE/SDE solver settings)."""
-
-    sampler: str = Field(
-        "dpm2",
-        description="A registered sampler (`algo/samplers.py`): `dpm2` (2nd-order "
-        "DPM-Solver), `euler` ODE, or the Flow-GRPO `sde`.",
-    )
-    num_steps: PositiveInt = Field(10, description="Solver steps from t=1 (noise) to t=0.")
-    shift: float = Field(1.0, gt=0, description="SD3 timestep shift of the sigma grid (1 = none).")
-    eta: float = Field(0.7, ge=0, description="SDE noise level (only for stochastic samplers).")
-    guidance: float = Field(
-        1.0,
-        ge=1.0,
-        description="Classifier-free guidance scale G; 1 disables the unconditional pass.",
-    )
-
-    @field_validator("sampler")
-    @classmethod
-    def _registered(cls, v: str) -> str:
-        return SAMPLERS.check(v)
-
-    @property
-    def stochastic(self) -> bool:
-        """Whether the sampler draws noise per step and records log-probs (a trajectory)."""
-        return SAMPLERS.get(self.sampler).stochastic
+__all__ = ["EvalConfig", "RolloutConfig", "SamplingConfig"]
 
 
 class EvalConfig(Section):

@@ -16,8 +16,8 @@ from torch import Tensor
 
 from algo.samplers import sample
 from algo.seeds import image_seed, sde_seed
+from common.config import SamplingConfig
 from policy.base import Policy, guided_fn
-from rollout.config import SamplingConfig
 
 
 @dataclass(frozen=True)

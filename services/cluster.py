@@ -57,7 +57,13 @@ def check_cluster(local: bool, timeout: float = 5.0) -> None:
     if local:
         import psutil
 
-        names = {p.name() for p in psutil.Process().children(recursive=True)}
+        names = set()
+        for p in psutil.Process().children(recursive=True):
+            try:
+                if p.status() != psutil.STATUS_ZOMBIE:  # killed but not yet reaped: gone
+                    names.add(p.name())
+            except psutil.NoSuchProcess:
+                continue
         missing = [n for n in _RAY_PROCESSES if not any(n in name for name in names)]
         if missing:
             raise ClusterLost(f"the local Ray cluster's {', '.join(missing)} process is gone")
@@ -66,7 +72,7 @@ def check_cluster(local: bool, timeout: float = 5.0) -> None:
     probe.start()
     probe.join(timeout)
     if not answer or isinstance(answer[0], BaseException) or answer[0] == 0:
-        raise ClusterLost(f"the Ray cluster did not answer within {timeout:.0f} s")
+        raise ClusterLost(f"the Ray cluster is gone (no answer within {timeout:.0f} s)")
 
 
 def _alive_nodes() -> int | BaseException:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, SerializeAsAny, ValidationError, field_validator, model_validator
 
 from common.config import PositiveInt, Resources, Section
 from learner.config import LearnerConfig
@@ -30,8 +30,7 @@ from learner.estimators import ESTIMATORS
 from policy.config import LoraConfig, ModelConfig, PretrainConfig
 from rewards.config import RewardsConfig, RewardSpec
 from rollout.config import EvalConfig, RolloutConfig, SamplingConfig
-from worlds.base import world_names
-from worlds.shapes.world import ShapesConfig
+from worlds.base import WorldConfig, world_class, world_names
 
 _Section = Section
 RUNS_DIR_ENV = "ELBORL_RUNS_DIR"
@@ -57,8 +56,6 @@ __all__ = [
     "WorldConfig",
     "load_config",
 ]
-
-WorldConfig = ShapesConfig  # the union of the registered worlds' configs (one world so far)
 
 
 class TrainConfig(_Section):
@@ -156,11 +153,16 @@ class RunConfig(_Section):
     runs_dir: str = Field(
         "runs",
         description="Root of the run directories (`<runs_dir>/<name>/`), resolved to an absolute "
-        f"path on the driver's node; the environment variable {RUNS_DIR_ENV}, when set, takes "
-        "its place. Under `ray job submit` it must be absolute (or set by the variable): a "
-        "relative root would land in the job's temporary working directory, which Ray deletes.",
+        f"path on the driver's node. A relative one (the default `runs`) is replaced by the "
+        f"environment variable {RUNS_DIR_ENV} when that is set (deploy/submit.sh sets it); an "
+        "absolute one is kept. Under `ray job submit` a relative root without the variable is "
+        "refused: it would land in the job's temporary working directory, which Ray deletes.",
     )
-    world: WorldConfig = Field(default_factory=WorldConfig, description="Task world.")
+    world: SerializeAsAny[WorldConfig] = Field(
+        default_factory=WorldConfig,
+        description="Task world: `name` selects a registered world, whose own config class "
+        "(e.g. `worlds.shapes.world.ShapesConfig`) validates the rest.",
+    )
     model: ModelConfig = Field(default_factory=ModelConfig, description="Policy model.")
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig, description="Pretraining.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Held-out evaluation.")
@@ -173,15 +175,23 @@ class RunConfig(_Section):
 
     @field_validator("world", mode="before")
     @classmethod
-    def _known_world(cls, v: Any) -> Any:
-        name = v.get("name", "shapes") if isinstance(v, dict) else getattr(v, "name", "shapes")
+    def _the_world_s_own_config(cls, v: Any) -> Any:
+        """Validate ``world`` with the config class of the world it names."""
+        if isinstance(v, WorldConfig):
+            v = v.model_dump()
+        if not isinstance(v, dict):
+            return v
+        name = v.get("name", "shapes")
         if name not in world_names():
             raise ValueError(f"unknown world {name!r}; registered: {', '.join(world_names())}")
-        return v
+        return world_class(name).config_class.model_validate(v)
 
     def runs_root(self) -> Path:
-        """The absolute root of run directories (``ELBORL_RUNS_DIR`` or ``runs_dir``)."""
-        return Path(os.environ.get(RUNS_DIR_ENV) or self.runs_dir).expanduser().absolute()
+        """The absolute root of run directories: an absolute ``runs_dir``, else
+        ``$ELBORL_RUNS_DIR`` when set, else ``runs_dir`` against the working directory."""
+        own = Path(self.runs_dir).expanduser()
+        env = os.environ.get(RUNS_DIR_ENV)
+        return (own if own.is_absolute() or not env else Path(env).expanduser()).absolute()
 
     @model_validator(mode="after")
     def _check_sizes(self) -> RunConfig:

@@ -169,6 +169,7 @@ def _signals(ctl: Controller, run: RunDir, hint: str, local: bool) -> Iterator[N
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    done = threading.Event()  # set when the run is over: the cluster may then go quietly
 
     def handler(signum: int, _frame: Any) -> None:
         name = signal.Signals(signum).name
@@ -176,24 +177,26 @@ def _signals(ctl: Controller, run: RunDir, hint: str, local: bool) -> Iterator[N
             raise KeyboardInterrupt(f"second {name}: aborting without a checkpoint")
         ctl.interrupted = name
         log.warning("%s: finishing the round in flight, then checkpointing (again to abort)", name)
-        args = (run, 128 + signum, hint, local)
+        args = (run, 128 + signum, hint, local, done)
         threading.Thread(target=_watchdog, args=args, daemon=True, name="elborl-watchdog").start()
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
     finally:
+        done.set()
         for s, h in previous.items():
             signal.signal(s, h)
 
 
-def _watchdog(run: RunDir, code: int, hint: str, local: bool) -> None:
-    """Exit ``code`` with a message as soon as the cluster is found gone."""
-    while True:
-        time.sleep(WATCHDOG_PERIOD_S)
+def _watchdog(run: RunDir, code: int, hint: str, local: bool, done: threading.Event) -> None:
+    """Exit ``code`` with a message as soon as the cluster is found gone (until ``done``)."""
+    while not done.wait(WATCHDOG_PERIOD_S):
         try:
             check_cluster(local)
         except ClusterLost as exc:
+            if done.is_set():  # the run ended and shut its cluster down meanwhile
+                return
             ckpt = run.latest_checkpoint()
             where = f"the latest checkpoint is {ckpt.name}" if ckpt else "no checkpoint exists"
             message = (

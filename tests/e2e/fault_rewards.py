@@ -14,21 +14,22 @@ from pathlib import Path
 
 import numpy as np
 
-from rewards.base import Reward, RewardOutput
-from rewards.builtin import ShapesReward
+from rewards.base import Reward, RewardOutput, build_reward
 
 
-class SlowShapes(ShapesReward):
+class SlowShapes(Reward):
     """``shapes``, but each call takes at least ``delay_s`` (a window to kill the actor in)."""
 
     name = "slow_shapes"
+    range = (0.0, 1.0)
 
     def __init__(self, delay_s: float = 1.0):
         self.delay_s = delay_s
+        self.inner = build_reward("shapes")
 
     def score(self, images: np.ndarray, prompts: Sequence[str]) -> RewardOutput:
         time.sleep(self.delay_s)
-        return super().score(images, prompts)
+        return self.inner.score(images, prompts)
 
 
 class Hanging(Reward):
@@ -41,7 +42,7 @@ class Hanging(Reward):
     def __init__(self, counter_dir: str, hang_calls: list[int]):
         self.dir, self.hang = Path(counter_dir), set(hang_calls)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.inner = ShapesReward()
+        self.inner = build_reward("shapes")
 
     def score(self, images: np.ndarray, prompts: Sequence[str]) -> RewardOutput:
         n = len(list(self.dir.iterdir()))
@@ -60,7 +61,7 @@ class BadNumbers(Reward):
 
     def __init__(self, every: int = 8):
         self.every = every
-        self.inner = ShapesReward()
+        self.inner = build_reward("shapes")
 
     def score(self, images: np.ndarray, prompts: Sequence[str]) -> RewardOutput:
         out = self.inner.score(images, prompts)

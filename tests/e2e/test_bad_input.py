@@ -97,7 +97,7 @@ def test_resume_refuses_a_corrupted_or_foreign_checkpoint_and_touches_nothing(
     assert _snapshot(run) == before
 
     foreign = yaml.safe_load(cfg.read_text())
-    foreign["learner"]["loss"] = "grpo"
+    foreign["learner"].update(loss="grpo", advantage="standard")
     other = tmp_path / "foreign.yaml"
     other.write_text(yaml.safe_dump(foreign))
     _refused(["--config", str(other), "--resume"], str(run / "config.yaml"), "different run")

@@ -18,11 +18,9 @@ from tests.e2e.helpers import metrics, run_train, tiny_config
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
-def test_ray_job_submit_to_a_local_head(tmp_path: Path, ray_head: Head) -> None:
-    cfg = tiny_config(tmp_path, name="job", train={"rounds": 2, "eval_every": 0})
-    env = {**venv_env(), "RAY_ADDRESS": ray_head.job_url}
+def _submit(cfg: Path, env: dict[str, str], *extra: str) -> str:
     out = subprocess.run(
-        ["bash", "deploy/submit.sh", str(cfg)],
+        ["bash", "deploy/submit.sh", str(cfg), *extra],
         capture_output=True,
         text=True,
         timeout=420,
@@ -31,8 +29,26 @@ def test_ray_job_submit_to_a_local_head(tmp_path: Path, ray_head: Head) -> None:
     )
     logs = out.stdout + out.stderr
     assert out.returncode == 0, logs[-4000:]
-    assert "round 2/2" in logs and "succeeded" in logs.lower()
-    assert [r["round"] for r in metrics(tmp_path / "runs" / "job")] == [1, 2]
+    assert "succeeded" in logs.lower(), logs[-4000:]
+    return logs
+
+
+def test_ray_job_submit_keeps_the_run_at_its_root_and_resumes_it(
+    tmp_path: Path, ray_head: Head
+) -> None:
+    # A relative runs_dir (the default) under a job: the run goes to $ELBORL_RUNS_DIR, not
+    # into the job's temporary working directory (which Ray deletes).
+    cfg = tiny_config(tmp_path, name="job", train={"rounds": 2, "eval_every": 0}, runs_dir="runs")
+    root = tmp_path / "persistent-runs"
+    env = {**venv_env(), "RAY_ADDRESS": ray_head.job_url, "ELBORL_RUNS_DIR": str(root)}
+    logs = _submit(cfg, env)
+    assert "round 2/2" in logs
+    assert [r["round"] for r in metrics(root / "job")] == [1, 2]
+    assert (root / "job" / "checkpoints" / "round_00002" / "COMPLETE").exists()
+    # A second submission continues the first run from its checkpoint.
+    logs = _submit(cfg, env, "--set", "train.rounds=3", "--resume")
+    assert "resumed from" in logs and "round 3/3" in logs
+    assert [r["round"] for r in metrics(root / "job")] == [1, 2, 3]
     listed = subprocess.run(
         [f"{VENV_BIN}/ray", "job", "list"], capture_output=True, text=True, timeout=60, env=env
     )

@@ -302,6 +302,40 @@ def test_sigterm_checkpoints_the_round_in_flight_and_exits_resumably(tmp_path: P
     assert metrics(run)[-1]["round"] == last + 1
 
 
+def test_sigterm_when_the_cluster_is_gone_exits_within_seconds_with_a_message(
+    tmp_path: Path,
+) -> None:
+    # As seen when `timeout` signalled a whole process tree: the driver gets SIGTERM while
+    # its local cluster's raylet and GCS die with it, so the round in flight can never finish.
+    cfg = tiny_config(
+        tmp_path, name="gone", train={"rounds": 50, "eval_every": 0, "sample_grid_every": 0}
+    )
+    run = tmp_path / "runs" / "gone"
+    proc = start_train(["--config", str(cfg)], local=True)
+    end = time.monotonic() + 240
+    while not (run / "metrics.jsonl").exists() or len(metrics(run)) < 1:
+        assert proc.poll() is None and time.monotonic() < end, "the run never got to round 1"
+        time.sleep(0.1)
+    import psutil
+
+    cluster = [
+        p
+        for p in psutil.Process(proc.pid).children(recursive=True)
+        if p.name() in ("raylet", "gcs_server")
+    ]
+    assert len(cluster) == 2, [p.name() for p in cluster]
+    proc.send_signal(signal.SIGTERM)
+    for p in cluster:
+        p.kill()
+    start = time.monotonic()
+    rc, err = finish(proc, timeout=60)
+    assert time.monotonic() - start < 30, "the driver waited on the dead cluster"
+    assert rc == 128 + signal.SIGTERM, err[-3000:]
+    assert "cluster" in err and "gone" in err and "--resume" in err, err[-3000:]
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "failed" and "gone" in status["error"]
+
+
 # ---------------------------------------------------------------------- dead nodes
 @pytest.fixture
 def three_nodes() -> Any:

@@ -46,8 +46,7 @@ def _update(world: int, zero_stage: int, keep: np.ndarray) -> dict[str, np.ndarr
         kl_beta=1e-4,
     )
     learners = [
-        LearnerWorker.options(num_cpus=0.5).remote(r, world, 1)  # type: ignore[attr-defined]
-        for r in range(world)
+        ray.remote(LearnerWorker).options(num_cpus=0.5).remote(r, world, 1) for r in range(world)
     ]
     master = ray.get(learners[0].rendezvous.remote(), timeout=60)
     ray.get(

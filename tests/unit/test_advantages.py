@@ -1,4 +1,4 @@
-"""Group-relative advantages (learner/advantages.py)."""
+"""Group-relative advantages (algo/advantages.py)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""ELBO estimators against exact answers (learner/elbo.py).
+"""ELBO estimators against exact answers (algo/elbo.py).
 
 Exact log-likelihood ratio of two Gaussians (flow matching)
 -----------------------------------------------------------

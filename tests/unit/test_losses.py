@@ -1,4 +1,4 @@
-"""The paper's losses (learner/losses.py) against hand-computed values and gradients.
+"""The paper's losses (algo/losses.py) against hand-computed values and gradients.
 
 The tiny case used throughout: two pairs with E = (-1, -2), E_old = (-1.2, -1.9), A = (0.5, -0.3),
 so l = sg(E) - E_old = (0.2, -0.1), rho = (e^0.2, e^-0.1), and N K = 2 pairs in the step.

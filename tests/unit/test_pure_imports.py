@@ -23,8 +23,10 @@ PURE_MODULES = (
     "algo.trajectory",
     "algo.microbatch",
     "algo.samplers",
+    "algo.seeds",
+    "algo.registry",
 )
-FORBIDDEN = ("ray", "deepspeed", "fastapi")
+FORBIDDEN = ("ray", "deepspeed", "fastapi", "diffusers", "pydantic")
 
 _PROBE = """
 import importlib, sys
