@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -49,13 +49,34 @@ class WordTokenizer:
         return ids
 
 
-class PromptEncoder(nn.Module):
-    """Token ids (B, L) -> hidden states (B, L, D) and a key mask (B, L), True = real token."""
+def sinusoidal_positions(length: int, dim: int) -> Tensor:
+    """(1, length, dim) fixed sine/cosine position codes (Vaswani et al. 2017), each row of
+    norm sqrt(dim / 2): the scale of N(0, 1) token embeddings, so word order is not drowned."""
+    pos = torch.arange(length, dtype=torch.float32)[:, None]
+    freq = 10000.0 ** (-torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    codes = torch.zeros(length, dim)
+    codes[:, 0::2] = torch.sin(pos * freq)
+    codes[:, 1::2] = torch.cos(pos * freq)
+    return codes[None]
 
-    def __init__(self, vocab_size: int, dim: int, layers: int):
+
+class PromptEncoder(nn.Module):
+    """Token ids (B, L) -> hidden states (B, L, D) and a key mask (B, L), True = real token.
+
+    ``positions``: ``learned`` (initialised at zero: the first base model's, which stayed ~3 %
+    of the token embeddings' size, leaving the encoder nearly order-blind) or ``sinusoidal``
+    (fixed, at the token scale: "a red circle left of a blue square" and its mirror "a blue
+    square left of a red circle" then encode differently).
+    """
+
+    def __init__(self, vocab_size: int, dim: int, layers: int, positions: str = "learned"):
         super().__init__()
         self.embed = nn.Embedding(vocab_size, dim)
-        self.pos = nn.Parameter(torch.zeros(1, MAX_TOKENS, dim))
+        self.pos: Tensor
+        if positions == "sinusoidal":
+            self.register_buffer("pos", sinusoidal_positions(MAX_TOKENS, dim), persistent=False)
+        else:
+            self.pos = nn.Parameter(torch.zeros(1, MAX_TOKENS, dim))
         layer = nn.TransformerEncoderLayer(
             dim, nhead=4, dim_feedforward=4 * dim, dropout=0.0, batch_first=True, norm_first=True
         )
@@ -81,6 +102,21 @@ class TinyArchConfig(Section):
     pack: PositiveInt = Field(
         2, description="Pixel-unshuffle factor: an HxW RGB image is modelled as (3p^2, H/p, W/p)."
     )
+    text_positions: Literal["learned", "sinusoidal"] = Field(
+        "learned",
+        description="Word positions in the prompt encoder: `learned` (zero-initialised; the "
+        "first base model's, nearly order-blind) or `sinusoidal` (fixed, at the token scale).",
+    )
+    coord_channels: bool = Field(
+        False,
+        description="Add two input channels holding each pixel's x and y in [-1, 1], so the "
+        "UNet knows where left and right are without inferring it from the borders.",
+    )
+    pooled_text: bool = Field(
+        False,
+        description="Also condition every ResNet block on the mean of the prompt's hidden "
+        "states (added to the timestep embedding), besides cross-attention.",
+    )
 
 
 class TinyFlowPolicy(Policy):
@@ -98,6 +134,9 @@ class TinyFlowPolicy(Policy):
         text_dim: int = 64,
         text_layers: int = 2,
         pack: int = 2,
+        text_positions: str = "learned",
+        coord_channels: bool = False,
+        pooled_text: bool = False,
     ):
         super().__init__()
         if image_size % pack:
@@ -111,14 +150,19 @@ class TinyFlowPolicy(Policy):
             "text_dim": text_dim,
             "text_layers": text_layers,
             "pack": pack,
+            "text_positions": text_positions,
+            "coord_channels": coord_channels,
+            "pooled_text": pooled_text,
         }
-        self.text = PromptEncoder(len(self.tokenizer.vocab), text_dim, text_layers)
+        self.coord_channels, self.pooled_text = coord_channels, pooled_text
+        vocab_size = len(self.tokenizer.vocab)
+        self.text = PromptEncoder(vocab_size, text_dim, text_layers, text_positions)
         from diffusers import UNet2DConditionModel  # heavy: imported when a model is built
 
         n = len(channels)
         self.unet = UNet2DConditionModel(
             sample_size=image_size // pack,
-            in_channels=3 * pack * pack,
+            in_channels=3 * pack * pack + (2 if coord_channels else 0),
             out_channels=3 * pack * pack,
             block_out_channels=tuple(channels),
             down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1),
@@ -127,21 +171,38 @@ class TinyFlowPolicy(Policy):
             cross_attention_dim=text_dim,
             attention_head_dim=8,
             norm_num_groups=8,
+            class_embed_type="projection" if pooled_text else None,
+            projection_class_embeddings_input_dim=text_dim if pooled_text else None,
         )
+        side = image_size // pack
+        grid = torch.linspace(-1.0, 1.0, side)
+        coords = torch.stack(torch.meshgrid(grid, grid, indexing="ij"))[None]  # (1, 2, h, w)
+        self.coords: Tensor
+        self.register_buffer("coords", coords, persistent=False)
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
         return (3, self.image_size, self.image_size)
 
     def encode_prompts(self, prompts: Sequence[str]) -> Tensor:
-        return self.tokenizer(prompts).to(self.text.pos.device)
+        return self.tokenizer(prompts).to(self.coords.device)
 
     def forward(self, x_t: Tensor, t: Tensor, cond: Tensor) -> Tensor:
         """Velocity (B, 3, H, W) for images ``x_t`` (B, 3, H, W) at ``t`` (B,) in [0, 1]."""
         hidden, mask = self.text(cond)
         packed = F.pixel_unshuffle(x_t, self.pack)  # (B, 3p^2, H/p, W/p)
+        if self.coord_channels:
+            packed = torch.cat([packed, self.coords.expand(packed.shape[0], -1, -1, -1)], 1)
+        pooled = None
+        if self.pooled_text:  # masked mean over the real tokens (B, D)
+            weights = mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
         out = self.unet(  # type: ignore[operator]  # diffusers' ModelMixin is untyped here
-            packed, t * 1000.0, encoder_hidden_states=hidden, encoder_attention_mask=mask
+            packed,
+            t * 1000.0,
+            encoder_hidden_states=hidden,
+            encoder_attention_mask=mask,
+            class_labels=pooled,
         ).sample
         return F.pixel_shuffle(out, self.pack)
 
@@ -149,7 +210,7 @@ class TinyFlowPolicy(Policy):
         return unit_to_images(x0)
 
     def from_images(self, images: np.ndarray) -> Tensor:
-        return images_to_unit(images).to(self.text.pos.device)
+        return images_to_unit(images).to(self.coords.device)
 
 
 def _build(arch: TinyArchConfig, image_size: int, vocabulary: list[str]) -> TinyFlowPolicy:

@@ -21,6 +21,20 @@ class EvalConfig(Section):
         description="Sampler used for evaluation (deterministic ODE by default).",
     )
     batch_size: PositiveInt = Field(128, description="Images per sampling batch during eval.")
+    images_per_category: int | None = Field(
+        None,
+        gt=0,
+        description="Balance the evaluation over the world's categories: each category's "
+        "prompts get ceil(N / its prompt count) images each (at least images_per_prompt), so "
+        "a category of 3 prompts is measured as precisely as one of 36; null = "
+        "images_per_prompt for every prompt.",
+    )
+    pass_k: int | None = Field(
+        None,
+        gt=0,
+        description="Also report pass@K per category (unbiased estimator over n >= 2K "
+        "images per prompt; `elborl eval --pass-k K` sets it); null = pass@1 only.",
+    )
 
 
 class RolloutConfig(Section):

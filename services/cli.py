@@ -73,6 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="images per prompt (default: eval.images_per_prompt)",
     )
     p.add_argument("--max-prompts", type=int, metavar="N", help="evaluate only the first N prompts")
+    p.add_argument(
+        "--pass-k",
+        type=int,
+        metavar="K",
+        help="also report pass@1 and pass@K per category (samples at least 2K images per prompt)",
+    )
     p.add_argument("--seed", type=int, help="sampling seed (default: the config's seed)")
     p.add_argument(
         "--grid",

@@ -110,6 +110,8 @@ def run_eval(cfg: RunConfig, args: argparse.Namespace) -> int:
         raise ConfigError(f"--num-images must be >= 1, got {args.num_images}")
     if args.max_prompts is not None and args.max_prompts < 1:
         raise ConfigError(f"--max-prompts must be >= 1, got {args.max_prompts}")
+    if args.pass_k is not None and args.pass_k < 1:
+        raise ConfigError(f"--pass-k must be >= 1, got {args.pass_k}")
     checkpoint = args.checkpoint or cfg.model.checkpoint
     if not checkpoint:
         raise ConfigError("no checkpoint: pass --checkpoint DIR or set model.checkpoint")
@@ -127,7 +129,11 @@ def run_eval(cfg: RunConfig, args: argparse.Namespace) -> int:
     eval_cfg = cfg.eval.model_copy(
         update={
             k: v
-            for k, v in (("images_per_prompt", args.num_images), ("max_prompts", args.max_prompts))
+            for k, v in (
+                ("images_per_prompt", args.num_images),
+                ("max_prompts", args.max_prompts),
+                ("pass_k", args.pass_k),
+            )
             if v is not None
         }
     )
@@ -163,14 +169,28 @@ def _print_eval_table(summary: dict[str, Any]) -> None:
     table = Table(title=f"elborl eval: {summary['checkpoint']}")
     table.add_column("metric")
     table.add_column("value", justify="right")
-    table.add_row("accuracy (all clauses)", f"{summary['accuracy']:.3f}")
+    if "overall" in summary:
+        table.add_row("overall (mean over categories)", f"{summary['overall']:.3f}")
+        for cat, acc in summary["category_accuracy"].items():
+            images = summary["category_images"][cat]
+            table.add_row(f"  {cat}", f"{acc:.3f}  ({images} images)")
+    table.add_row("accuracy (all images)", f"{summary['accuracy']:.3f}")
     table.add_row("mean reward", f"{summary['mean_reward']:.3f}")
     for clause, acc in sorted(summary["clause_accuracy"].items()):
         table.add_row(f"  {clause}", f"{acc:.3f}")
+    if "pass_at_k" in summary:
+        k, pk = summary["pass_at_k"]["k"], summary["pass_at_k"]
+        table.add_row(f"pass@1 / pass@{k} overall", _pass_row(pk["overall"], k))
+        for cat, row in pk["categories"].items():
+            table.add_row(f"  {cat}", _pass_row(row, k))
     table.add_row("prompts / images", f"{summary['num_prompts']} / {summary['num_images']}")
     table.add_row("sampler", f"{summary['sampler']}, {summary['num_steps']} steps")
     table.add_row("seconds", f"{summary['seconds']:.1f}")
     Console(file=sys.stdout).print(table)
+
+
+def _pass_row(row: dict[str, float], k: int) -> str:
+    return f"{row['pass@1']:.3f} / {row[f'pass@{k}']:.3f}"
 
 
 def run_train(cfg: RunConfig, args: argparse.Namespace) -> int:

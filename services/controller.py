@@ -522,6 +522,9 @@ def eval_metrics(summary: dict[str, Any]) -> dict[str, float]:
         "eval/mean_reward": summary["mean_reward"],
     }
     out.update({f"eval/clause_{k}": v for k, v in summary["clause_accuracy"].items()})
+    if "overall" in summary:  # a world with categories: GenEval's score and its parts
+        out["eval/overall"] = summary["overall"]
+        out.update({f"eval/category_{k}": v for k, v in summary["category_accuracy"].items()})
     return out
 
 

@@ -78,6 +78,11 @@ class World(ABC):
     def split_names(self) -> tuple[str, ...]:
         """The named prompt splits (``prompts`` also accepts a file path)."""
 
+    def category(self, prompt: str) -> str | None:
+        """The task category of a prompt (GenEval's, for `shapes`), or None if the world has
+        none; evaluation balances its images over categories by it."""
+        return None
+
     @abstractmethod
     def verify(self, images: np.ndarray, prompts: Sequence[str]) -> list[Verdict]:
         """Judge uint8 images (B, H, W, 3) against their prompts (B,)."""

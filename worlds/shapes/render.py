@@ -4,8 +4,8 @@ Used to pretrain the base policy, so it must be fast (64 images per optimizer st
 its images must pass the verifier. Each image: a dark noisy background (grey 20-40, +-8
 per pixel and channel) and crisp, un-anti-aliased palette shapes of side ~7-11 px at 32x32
 (scaled with the image), placed at random without overlap and with a gap >= 2 px.
-Relations hold clearly: bounding-box centres are >= size/4 apart along the relation axis
-and at most half that far off it (within ~27 degrees of the axis).
+Relations hold clearly: each object lies in its own half of the image along the relation's
+axis, and their centres are at most size/8 apart across it.
 """
 
 from __future__ import annotations
@@ -16,7 +16,16 @@ from typing import Final
 
 import numpy as np
 
-from worlds.shapes.grammar import PALETTE, CountPrompt, ShapesPrompt, as_prompt
+from worlds.shapes.grammar import (
+    COLOURS,
+    PALETTE,
+    CountPrompt,
+    ObjectPrompt,
+    ObjectSpec,
+    PairPrompt,
+    ShapesPrompt,
+    as_prompt,
+)
 
 MIN_IMAGE_SIZE: Final[int] = 24
 _BACKGROUND_GREY: Final[tuple[int, int]] = (20, 40)  # inclusive range of the base grey
@@ -94,23 +103,31 @@ def _place_count(count: int, rng: np.random.Generator, size: int) -> list[Box]:
 
 
 def _place_relation(relation: str, rng: np.random.Generator, size: int) -> list[Box]:
-    """Boxes [a, b] with `a relation b` holding clearly between the box centres."""
+    """Boxes [a, b] for `a relation b`, each object in its own half along the relation's axis
+    (a left of b: a's box in the left half, b's in the right), centres at most 4 px apart
+    (x 1/8 of the image) across it: the layout is unambiguous, as in GenEval's images."""
     lo, hi = object_size_range(size)
-    gap = object_gap(size)
     axis = 1 if relation in ("left of", "right of") else 0  # column 1 = x, 0 = y
-    sign = -1 if relation in ("left of", "above") else 1  # sign of centre_a - centre_b
+    a_low = relation in ("left of", "above")  # a in the half with the smaller coordinate
+    half, jitter = size // 2, max(1, size // 8)
     for _ in range(_MAX_ATTEMPTS):
         side_a, side_b = rng.integers(lo, hi + 1, size=2).tolist()
-        ca = rng.integers(0, size - side_a + 1, size=(_NUM_CANDIDATES, 2))
-        cb = rng.integers(0, size - side_b + 1, size=(_NUM_CANDIDATES, 2))
-        offset = (ca + side_a / 2) - (cb + side_b / 2)  # (N, 2) centre a - centre b, (y, x)
-        along, across = sign * offset[:, axis], np.abs(offset[:, 1 - axis])
-        ok = (along >= size / 4) & (across <= along / 2)
-        for i in np.flatnonzero(ok).tolist():
-            box_b = (int(cb[i, 0]), int(cb[i, 1]), side_b)
-            if _separated(ca[i : i + 1], side_a, box_b, gap)[0]:
-                return [(int(ca[i, 0]), int(ca[i, 1]), side_a), box_b]
+        along_a = _in_half(rng, side_a, half, size, low=a_low)
+        along_b = _in_half(rng, side_b, half, size, low=not a_low)
+        across_a = int(rng.integers(0, size - side_a + 1))
+        centre_b = across_a + side_a / 2 + int(rng.integers(-jitter, jitter + 1))
+        across_b = int(np.clip(round(centre_b - side_b / 2), 0, size - side_b))
+        if axis == 1:
+            return [(across_a, along_a, side_a), (across_b, along_b, side_b)]
+        return [(along_a, across_a, side_a), (along_b, across_b, side_b)]
     raise RuntimeError(f"could not place a {relation!r} pair in a {size}x{size} image")
+
+
+def _in_half(rng: np.random.Generator, side: int, half: int, size: int, low: bool) -> int:
+    """A start coordinate keeping a box of ``side`` inside one half, 1 px off the middle."""
+    if low:
+        return int(rng.integers(0, max(1, half - side)))
+    return int(rng.integers(half + 1, max(half + 2, size - side + 1)))
 
 
 def _check_size(size: int) -> None:
@@ -123,20 +140,25 @@ def _check_size(size: int) -> None:
 def render(prompt: ShapesPrompt | str, rng: np.random.Generator, size: int = 32) -> np.ndarray:
     """A correct (size, size, 3) uint8 image for `prompt`, varied by `rng`.
 
-    Count prompts get exactly `count` objects of the colour and shape and nothing else;
-    relation prompts get exactly the two objects, in the relation.
+    Objects prompts get one object, pair prompts the two, count prompts exactly `count`
+    objects of the shape, relation prompts the two objects in the relation; nothing else.
+    An object without a colour gets one at random (each object its own).
     """
     _check_size(size)
     p = as_prompt(prompt)
     image = _background(rng, size)
     if isinstance(p, CountPrompt):
         boxes = _place_count(p.count, rng, size)
-        specs = [(p.colour, p.shape)] * p.count
+        specs = [ObjectSpec(p.colour, p.shape)] * p.count
+    elif isinstance(p, ObjectPrompt):
+        boxes, specs = _place_count(1, rng, size), [p.obj]
+    elif isinstance(p, PairPrompt):
+        boxes, specs = _place_count(2, rng, size), [p.a, p.b]
     else:
-        boxes = _place_relation(p.relation, rng, size)
-        specs = [(p.a.colour, p.a.shape), (p.b.colour, p.b.shape)]
-    for (top, left, side), (colour, shape) in zip(boxes, specs, strict=True):
-        image[top : top + side, left : left + side][shape_mask(shape, side)] = PALETTE[colour]
+        boxes, specs = _place_relation(p.relation, rng, size), [p.a, p.b]
+    for (top, left, side), spec in zip(boxes, specs, strict=True):
+        colour = spec.colour or COLOURS[int(rng.integers(len(COLOURS)))]
+        image[top : top + side, left : left + side][shape_mask(spec.shape, side)] = PALETTE[colour]
     return image
 
 

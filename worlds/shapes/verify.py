@@ -9,12 +9,19 @@ Pipeline (works on noisy / blurry generated images, not only on rendered ones):
 3. Shape: a component whose mass is lopsided between opposite halves of its bounding box
    (or very sparse) is a triangle; otherwise the fill ratio of the box tells a square (~1)
    from a circle (~0.79); a box with aspect ratio beyond 2 is no shape ("other").
-4. Clauses (the names are fixed: colour, shape, count, position):
-   - count prompts: colour (an object of the colour exists), shape (every object of the
-     colour has the shape), count (number of objects of the colour == count);
-   - relation prompts: colour (both colours present), shape (an object of each asked
-     colour with its asked shape), position (the relation holds for every pair of matched
-     objects; matched = right colour and shape, or right colour if none has the shape).
+4. Clauses (the names are fixed: colour, shape, count, position), as GenEval checks each
+   category (an object without a colour in the prompt matches an object of any colour):
+   - single_object "a circle": shape (an object of the shape exists);
+   - colors "a red circle": shape, colour (an object of the shape has the colour);
+   - two_object "a circle and a square": shape (both shapes exist);
+   - color_attr "a red circle and a blue square": shape, colour (each shape exists in its
+     colour);
+   - counting "three circles": shape, count (the number of objects of the shape);
+     coloured "three red circles": colour (an object of the colour exists), shape (every
+     object of the colour has the shape), count (of objects of the colour);
+   - position "a circle left of a square": shape (both exist), position (the relation holds
+     for every pair of matched objects; matched = the shape, and the colour if given, or
+     the colour if none has the shape); coloured relations add colour (both colours exist).
    Position follows GenEval's ``relative_position``: with offset = centre_a - centre_b of
    the bounding boxes, each component is shrunk by 0.1 * (side_a + side_b) and normalised
    by |offset|; "left of" needs the x component < -0.5, "above" the y component < -0.5
@@ -38,7 +45,9 @@ from worlds.shapes.grammar import (
     COLOURS,
     PALETTE_ARRAY,
     CountPrompt,
+    ObjectPrompt,
     ObjectSpec,
+    PairPrompt,
     RelationPrompt,
     ShapesPrompt,
     as_prompt,
@@ -154,12 +163,34 @@ def detect_objects(image: np.ndarray) -> list[DetectedObject]:
 
 
 def _count_clauses(objects: list[DetectedObject], p: CountPrompt) -> dict[str, bool]:
+    if p.colour is None:  # GenEval counting: the number of objects of the class
+        mine = [o for o in objects if o.shape == p.shape]
+        return {"shape": bool(mine), "count": len(mine) == p.count}
     mine = [o for o in objects if o.colour == p.colour]
     return {
         "colour": bool(mine),
         "shape": bool(mine) and all(o.shape == p.shape for o in mine),
         "count": len(mine) == p.count,
     }
+
+
+def _object_clauses(objects: list[DetectedObject], p: ObjectPrompt) -> dict[str, bool]:
+    shaped = [o for o in objects if o.shape == p.obj.shape]
+    if p.obj.colour is None:  # single_object: at least one object of the class
+        return {"shape": bool(shaped)}
+    return {"shape": bool(shaped), "colour": any(o.colour == p.obj.colour for o in shaped)}
+
+
+def _has(objects: list[DetectedObject], spec: ObjectSpec) -> bool:
+    return any(o.shape == spec.shape and spec.colour in (None, o.colour) for o in objects)
+
+
+def _pair_clauses(objects: list[DetectedObject], p: PairPrompt) -> dict[str, bool]:
+    shapes = {o.shape for o in objects}
+    out = {"shape": p.a.shape in shapes and p.b.shape in shapes}
+    if p.a.colour is not None:  # color_attr: each shape in its own colour
+        out["colour"] = _has(objects, p.a) and _has(objects, p.b)
+    return out
 
 
 def relation_holds(a: DetectedObject, b: DetectedObject, relation: str) -> bool:
@@ -185,6 +216,8 @@ def _matches(
     The fallback lets position be scored apart from shape, without matching the other
     object of a same-colour pair ("a red circle left of a red square") to itself.
     """
+    if spec.colour is None:  # any colour: the objects of the shape
+        return [o for o in objects if o.shape == spec.shape]
     coloured = [o for o in objects if o.colour == spec.colour]
     shaped = [o for o in coloured if o.shape == spec.shape]
     not_other = [o for o in coloured if (o.colour, o.shape) != (other.colour, other.shape)]
@@ -193,14 +226,12 @@ def _matches(
 
 def _relation_clauses(objects: list[DetectedObject], p: RelationPrompt) -> dict[str, bool]:
     colours = {o.colour for o in objects}
-    has = {(o.colour, o.shape) for o in objects}
     cand_a, cand_b = _matches(objects, p.a, p.b), _matches(objects, p.b, p.a)
     pairs = [(a, b) for a in cand_a for b in cand_b if a is not b]
-    return {
-        "colour": p.a.colour in colours and p.b.colour in colours,
-        "shape": (p.a.colour, p.a.shape) in has and (p.b.colour, p.b.shape) in has,
-        "position": bool(pairs) and all(relation_holds(a, b, p.relation) for a, b in pairs),
-    }
+    out = {"colour": p.a.colour in colours and p.b.colour in colours} if p.a.colour else {}
+    out["shape"] = _has(objects, p.a) and _has(objects, p.b)
+    out["position"] = bool(pairs) and all(relation_holds(a, b, p.relation) for a, b in pairs)
+    return out
 
 
 def verify(image: np.ndarray, prompt: ShapesPrompt | str) -> VerifyResult:
@@ -209,6 +240,10 @@ def verify(image: np.ndarray, prompt: ShapesPrompt | str) -> VerifyResult:
     objects = detect_objects(image)
     if isinstance(p, CountPrompt):
         clauses = _count_clauses(objects, p)
+    elif isinstance(p, ObjectPrompt):
+        clauses = _object_clauses(objects, p)
+    elif isinstance(p, PairPrompt):
+        clauses = _pair_clauses(objects, p)
     else:
         clauses = _relation_clauses(objects, p)
     score = sum(clauses.values()) / len(clauses)
@@ -224,11 +259,15 @@ def verify_batch(
     return [verify(image, prompt) for image, prompt in zip(images, prompts, strict=True)]
 
 
-def summarize(results: Sequence[VerifyResult]) -> dict[str, Any]:
+def summarize(
+    results: Sequence[VerifyResult], categories: Sequence[str] | None = None
+) -> dict[str, Any]:
     """GenEval-style metrics over results.
 
     accuracy: fraction of images passing every clause; mean_reward: mean score;
     clause_accuracy: per clause, the fraction passed among results that have the clause.
+    With ``categories`` (one per result): ``category_accuracy`` per category and
+    ``overall``, GenEval's score: the mean of the category accuracies.
     """
     if not results:
         raise ValueError("summarize needs at least one VerifyResult, got none")
@@ -236,9 +275,20 @@ def summarize(results: Sequence[VerifyResult]) -> dict[str, Any]:
     for r in results:
         for name, ok in r.clauses.items():
             clause_hits.setdefault(name, []).append(ok)
-    return {
+    out: dict[str, Any] = {
         "accuracy": sum(r.passed for r in results) / len(results),
         "mean_reward": sum(r.score for r in results) / len(results),
         "clause_accuracy": {k: sum(v) / len(v) for k, v in sorted(clause_hits.items())},
         "num_prompts": len(results),
     }
+    if categories is not None:
+        if len(categories) != len(results):
+            raise ValueError(f"{len(categories)} categories for {len(results)} results")
+        by_cat: dict[str, list[bool]] = {}
+        for r, c in zip(results, categories, strict=True):
+            by_cat.setdefault(c, []).append(r.passed)
+        accs = {c: sum(v) / len(v) for c, v in by_cat.items()}
+        out["category_accuracy"] = accs
+        out["category_images"] = {c: len(v) for c, v in by_cat.items()}
+        out["overall"] = sum(accs.values()) / len(accs)
+    return out
