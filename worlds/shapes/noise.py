@@ -43,11 +43,6 @@ from worlds.shapes.grammar import (
 NOISE_KINDS: Final[tuple[str, ...]] = ("colour", "shape", "count", "relation", "swap", "drop")
 
 
-def _other(rng: np.random.Generator, options: tuple[str, ...], current: str | None) -> str:
-    choices = [o for o in options if o != current]
-    return choices[int(rng.integers(len(choices)))]
-
-
 def _objects(p: ShapesPrompt) -> list[ObjectSpec]:
     if isinstance(p, ObjectPrompt):
         return [p.obj]
@@ -56,62 +51,8 @@ def _objects(p: ShapesPrompt) -> list[ObjectSpec]:
     return [ObjectSpec(p.colour, p.shape)]
 
 
-def applicable(p: ShapesPrompt) -> list[str]:
-    """The noise kinds that can change ``p``."""
-    objs = _objects(p)
-    two = isinstance(p, PairPrompt | RelationPrompt)
-    coloured = any(o.colour for o in objs)
-    kinds = ["shape"]
-    if coloured:
-        kinds.append("colour")
-    if isinstance(p, CountPrompt):
-        kinds.append("count")
-    if isinstance(p, RelationPrompt):
-        kinds.append("relation")
-    if two and coloured and objs[0].colour != objs[1].colour:
-        kinds.append("swap")
-    if two or coloured:
-        kinds.append("drop")
-    return kinds
-
-
-def corrupt(p: ShapesPrompt, kind: str, rng: np.random.Generator) -> ShapesPrompt:
-    """``p`` with one detail changed as ``kind`` says (``kind`` from ``applicable(p)``)."""
-    if kind == "count":
-        assert isinstance(p, CountPrompt)
-        n = _other(rng, tuple(str(i) for i in range(1, MAX_COUNT + 1)), str(p.count))
-        return dataclasses.replace(p, count=int(n))
-    if kind == "relation":
-        assert isinstance(p, RelationPrompt)
-        return dataclasses.replace(p, relation=OPPOSITE[p.relation])
-    if kind == "drop":
-        return _drop(p, rng)
-    objs = _objects(p)
-    i = int(rng.integers(len(objs)))
-    if kind == "swap":
-        a, b = objs
-        new = [dataclasses.replace(a, colour=b.colour), dataclasses.replace(b, colour=a.colour)]
-    elif kind == "colour":
-        new = list(objs)
-        j = i if objs[i].colour else 1 - i
-        new[j] = dataclasses.replace(objs[j], colour=_other(rng, COLOURS, objs[j].colour))
-    else:
-        new = list(objs)
-        new[i] = dataclasses.replace(objs[i], shape=_other(rng, SHAPES, objs[i].shape))
-    return _rebuild(p, new)
-
-
-def _drop(p: ShapesPrompt, rng: np.random.Generator) -> ShapesPrompt:
-    objs = _objects(p)
-    if isinstance(p, PairPrompt | RelationPrompt) and rng.random() < 0.5:
-        return ObjectPrompt(objs[int(rng.integers(2))])
-    if any(o.colour for o in objs):
-        return _rebuild(p, [dataclasses.replace(o, colour=None) for o in objs])
-    return ObjectPrompt(objs[int(rng.integers(len(objs)))])
-
-
-def _rebuild(p: ShapesPrompt, objs: list[ObjectSpec]) -> ShapesPrompt:
-    """``p`` with its objects replaced; falls back to ``p`` if that would be invalid."""
+def _rebuild(p: ShapesPrompt, objs: list[ObjectSpec]) -> ShapesPrompt | None:
+    """``p`` with its objects replaced, or None when that is not a valid prompt."""
     try:
         if isinstance(p, ObjectPrompt):
             return ObjectPrompt(objs[0])
@@ -121,7 +62,58 @@ def _rebuild(p: ShapesPrompt, objs: list[ObjectSpec]) -> ShapesPrompt:
             return PairPrompt(objs[0], objs[1])
         return RelationPrompt(objs[0], p.relation, objs[1])
     except ValueError:  # e.g. a shape change that made the two objects the same
-        return p
+        return None
+
+
+def _replaced(p: ShapesPrompt, field: str, options: tuple[str, ...]) -> list[ShapesPrompt | None]:
+    """Every prompt with one object's ``field`` (colour or shape) set to another option."""
+    objs, out = _objects(p), []
+    for i, obj in enumerate(objs):
+        if field == "colour" and obj.colour is None:
+            continue
+        for value in options:
+            if value != getattr(obj, field):
+                new = list(objs)
+                new[i] = dataclasses.replace(obj, **{field: value})
+                out.append(_rebuild(p, new))
+    return out
+
+
+def candidates(p: ShapesPrompt, kind: str) -> list[ShapesPrompt]:
+    """Every valid prompt that differs from ``p`` by one change of ``kind``."""
+    objs = _objects(p)
+    found: list[ShapesPrompt | None] = []
+    if kind == "colour":
+        found = _replaced(p, "colour", COLOURS)
+    elif kind == "shape":
+        found = _replaced(p, "shape", SHAPES)
+    elif kind == "count" and isinstance(p, CountPrompt):
+        found = [dataclasses.replace(p, count=n) for n in range(1, MAX_COUNT + 1)]
+    elif kind == "relation" and isinstance(p, RelationPrompt):
+        found = [dataclasses.replace(p, relation=OPPOSITE[p.relation])]
+    elif kind == "swap" and len(objs) == 2:
+        a, b = objs
+        new = [dataclasses.replace(a, colour=b.colour), dataclasses.replace(b, colour=a.colour)]
+        found = [_rebuild(p, new)]
+    elif kind == "drop":
+        if len(objs) == 2:
+            found += [ObjectPrompt(o) for o in objs]
+        if any(o.colour for o in objs):
+            found.append(_rebuild(p, [dataclasses.replace(o, colour=None) for o in objs]))
+    return [c for c in dict.fromkeys(found) if c is not None and c != p]
+
+
+def applicable(p: ShapesPrompt) -> list[str]:
+    """The noise kinds that can change ``p`` into another valid prompt."""
+    return [k for k in NOISE_KINDS if candidates(p, k)]
+
+
+def corrupt(p: ShapesPrompt, kind: str, rng: np.random.Generator) -> ShapesPrompt:
+    """``p`` with one detail changed as ``kind`` says: uniform over ``candidates(p, kind)``."""
+    options = candidates(p, kind)
+    if not options:
+        raise ValueError(f"noise kind {kind!r} cannot change {p.text!r}")
+    return options[int(rng.integers(len(options)))]
 
 
 def noisy_caption(
