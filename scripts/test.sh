@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# Run the test suite (all markers, slow ones included) with the project's virtualenv.
+# Run the test suite (all markers, slow ones included) with the project's virtualenv,
+# creating it first (scripts/setup.sh) when it is missing.
 # Ray advertises the machine's primary address, so when we can (root + unshare), the tests run
 # inside a private network namespace that has only loopback: no test traffic leaves 127.0.0.1.
 #   bash scripts/test.sh                 # everything
 #   bash scripts/test.sh -m unit         # extra arguments go to pytest
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[ -x .venv/bin/python ] || { echo "no .venv: run 'bash scripts/setup.sh' first" >&2; exit 2; }
+# First use on a fresh machine: set the environment up (scripts/setup.sh; a few minutes).
+[ -x .venv/bin/elborl ] || { echo "no .venv yet: running scripts/setup.sh first" >&2; bash scripts/setup.sh; }
 export PYTHONDONTWRITEBYTECODE=1 OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" DS_ACCELERATOR=cpu
 cmd=(.venv/bin/python -m pytest "$@")
 if [ "$(id -u)" = 0 ] && command -v unshare >/dev/null && unshare -n true 2>/dev/null; then
