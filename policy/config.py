@@ -109,3 +109,10 @@ class PretrainConfig(Section):
     )
     eval_every: int = Field(500, ge=0, description="Steps between quick held-out evals; 0 = never.")
     output: str = Field("checkpoints/shapes-base", description="Directory the checkpoint goes to.")
+    snapshot_every: int = Field(
+        300,
+        ge=0,
+        description="Steps between resume snapshots (model, EMA, optimizer and random states, "
+        "written atomically to `<output>.resume/`); a rerun of the same command continues from "
+        "the last one. 0 = never.",
+    )

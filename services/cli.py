@@ -56,6 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--output", metavar="DIR", help="checkpoint directory (default: pretrain.output)"
     )
+    p.add_argument(
+        "--fresh",
+        action="store_true",
+        help="discard the resume snapshot in <output>.resume/ and start over (without it, a "
+        "rerun continues where an interrupted one stopped)",
+    )
     p.set_defaults(func=_cmd_pretrain)
 
     p = sub.add_parser("eval", help="held-out GenEval-style accuracy of a checkpoint")
@@ -143,7 +149,13 @@ def _cmd_config(args: argparse.Namespace, cfg: RunConfig) -> int:
 def _cmd_pretrain(args: argparse.Namespace, cfg: RunConfig) -> int:
     from services.commands import run_pretrain
 
-    return run_pretrain(cfg, output=args.output, config_path=args.config, overrides=args.overrides)
+    return run_pretrain(
+        cfg,
+        output=args.output,
+        config_path=args.config,
+        overrides=args.overrides,
+        fresh=args.fresh,
+    )
 
 
 def _cmd_eval(args: argparse.Namespace, cfg: RunConfig) -> int:

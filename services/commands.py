@@ -42,16 +42,45 @@ def _setup_torch() -> None:
         torch.set_num_threads(max(1, os.cpu_count() or 1))
 
 
+def _pretrain_snapshots(cfg: RunConfig, out: Path, fresh: bool) -> Any:
+    """Where ``elborl pretrain`` keeps resume snapshots, keyed by what shapes the result.
+
+    The time budget, eval cadence and snapshot cadence may change between sittings; anything
+    else (model, world, optimizer settings, seed) must match for a snapshot to be resumed.
+    """
+    from policy.pretrain import Snapshots, drop_snapshot
+
+    settable = {"max_minutes", "eval_every", "snapshot_every", "output"}
+    fingerprint = json.dumps(
+        {
+            "seed": cfg.seed,
+            "model": cfg.model.model_dump(mode="json"),
+            "world": cfg.world.model_dump(mode="json"),
+            "pretrain": cfg.pretrain.model_dump(mode="json", exclude=settable),
+        },
+        sort_keys=True,
+    )
+    snapshots = Snapshots(path=out.with_name(out.name + ".resume"), fingerprint=fingerprint)
+    if fresh:
+        drop_snapshot(snapshots)
+    return snapshots
+
+
 def run_pretrain(
-    cfg: RunConfig, output: str | None, config_path: str | None, overrides: list[str]
+    cfg: RunConfig,
+    output: str | None,
+    config_path: str | None,
+    overrides: list[str],
+    fresh: bool = False,
 ) -> int:
     """``elborl pretrain``: train the base policy from scratch and save its EMA weights."""
     from policy.io import build_policy, save_policy
-    from policy.pretrain import pretrain
+    from policy.pretrain import drop_snapshot, pretrain
     from rollout.evaluate import evaluate
 
     _setup_torch()
     out = Path(output or cfg.pretrain.output)
+    snapshots = _pretrain_snapshots(cfg, out, fresh)
     world = make_world(cfg.world)
     train = resolve_prompts(world, cfg.world.train_prompts, "world.train_prompts")
     heldout = resolve_prompts(world, cfg.world.eval_prompts, "world.eval_prompts")
@@ -67,7 +96,12 @@ def run_pretrain(
     def held_out(model: Any) -> dict[str, Any]:
         return evaluate(model, world, heldout, cfg.eval, seed=cfg.seed + 1).summary
 
-    ema, state = pretrain(policy, world, train, cfg.pretrain, seed=cfg.seed, evaluate=held_out)
+    try:
+        ema, state = pretrain(
+            policy, world, train, cfg.pretrain, cfg.seed, evaluate=held_out, snapshots=snapshots
+        )
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
     provenance: dict[str, Any] = {
         "command": " ".join(
             [
@@ -90,6 +124,7 @@ def run_pretrain(
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     save_policy(ema, out, provenance)
+    drop_snapshot(snapshots)
     last = state.evals[-1] if state.evals else {}
     log.info(
         "saved %s after %d steps (%.1f min); held-out accuracy %s",

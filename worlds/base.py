@@ -65,7 +65,13 @@ class World(ABC):
     """Rewards this world provides, by reward name: a score from each image's verdict."""
 
     def __init__(self, cfg: WorldConfig | None = None):
-        self.cfg = cfg if cfg is not None else self.config_class(name=self.name)
+        if cfg is None:
+            cfg = self.config_class(name=self.name)
+        elif not isinstance(cfg, self.config_class):
+            # A plain WorldConfig: validate it into this world's own settings, whose
+            # defaults then apply to what it leaves out.
+            cfg = self.config_class.model_validate(cfg.model_dump(exclude_unset=True))
+        self.cfg = cfg
 
     @abstractmethod
     def prompts(self, spec: str) -> list[str]:
@@ -130,7 +136,7 @@ def world_class(name: str) -> type[World]:
 
 
 def make_world(cfg: WorldConfig) -> World:
-    """The world ``cfg.name`` built from its config."""
+    """The world ``cfg.name`` built from its config (a plain ``WorldConfig`` will do)."""
     return world_class(cfg.name)(cfg)
 
 

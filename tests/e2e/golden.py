@@ -53,15 +53,26 @@ def trace(run_dir: Path) -> list[dict[str, Any]]:
     return [deterministic(r) for r in metrics(run_dir, include_start=True)]
 
 
+_ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx_vnni", "amx_tile")
+
+
 def cpu_model() -> str:
-    """The CPU's model name: float results are bit-exact only on the same kind of CPU."""
+    """The CPU's model name and vector extensions.
+
+    Float results are bit-exact only on the same kind of CPU: torch's kernels are chosen by
+    the instruction set, and a model name like "AMD EPYC" covers several generations.
+    """
+    name, flags = platform.processor() or "unknown", set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+                name = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return platform.processor() or "unknown"
+    isa = [f for f in _ISA_FLAGS if f in flags]
+    return f"{name} [{' '.join(isa)}]" if isa else name
 
 
 def differences(

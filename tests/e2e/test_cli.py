@@ -71,12 +71,22 @@ def test_bad_config_fails_fast(
 def test_eval_base_model_json() -> None:
     if not (BASE_CHECKPOINT / "model.safetensors").exists():
         pytest.fail(f"the shipped base checkpoint {BASE_CHECKPOINT} is missing")
-    out = _run(["eval", "--checkpoint", str(BASE_CHECKPOINT), "--max-prompts", "16", "--json"])
+    args = ["eval", "--checkpoint", str(BASE_CHECKPOINT), "--max-prompts", "12", "--json"]
+    fast = ["--set", "eval.sampling.num_steps=8", "--set", "eval.images_per_category=8"]
+    out = _run([*args, "--pass-k", "2", *fast])
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert result["num_prompts"] == 16
+    # The held-out prompts take the six categories in turn: 12 prompts are two of each, and
+    # each gets max(2 k, 8 images per category / 2 prompts) = 4 images.
+    assert result["num_prompts"] == 12 and result["num_images"] == 12 * 4
     assert 0.0 <= result["accuracy"] <= 1.0 and 0.0 <= result["mean_reward"] <= 1.0
     assert set(result["clause_accuracy"]) <= {"colour", "shape", "count", "position"}
+    cats = result["category_accuracy"]
+    assert len(cats) == 6 and result["overall"] == pytest.approx(sum(cats.values()) / 6)
+    table = result["pass_at_k"]
+    assert table["k"] == 2 and set(table["categories"]) == set(cats)
+    for row in table["categories"].values():
+        assert 0.0 <= row["pass@1"] <= row["pass@2"] <= 1.0
 
 
 def test_eval_table_and_grid(tmp_path: Path) -> None:

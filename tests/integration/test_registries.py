@@ -7,8 +7,6 @@ takes its ELBO timesteps from the toy sampler's own (non-uniform) grid.
 
 from __future__ import annotations
 
-import os
-import socket
 from collections.abc import Iterator
 
 import numpy as np
@@ -59,24 +57,6 @@ def toys() -> Iterator[None]:
     finally:
         SAMPLERS.remove(SquareRootGrid.name)
         LOSSES.remove("toy_regression")
-
-
-@pytest.fixture
-def one_rank() -> Iterator[None]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
-    saved = {k: os.environ.get(k) for k in [*env, "MASTER_PORT"]}
-    os.environ.update({**env, "MASTER_PORT": str(port)})
-    yield
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 def test_a_toy_sampler_and_loss_train_one_step_through_the_registries(

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from policy.config import PretrainConfig
-from policy.pretrain import learning_rate, pretrain
+from policy.pretrain import Snapshots, learning_rate, pretrain
 from tests.conftest import build_tiny
 from worlds.shapes.grammar import all_prompts
 from worlds.shapes.world import ShapesConfig, ShapesWorld
@@ -62,3 +64,48 @@ def test_a_few_real_steps_change_the_weights_and_return_a_frozen_ema_copy() -> N
     assert any(not torch.equal(before[k], trained[k]) for k in before)
     assert ema is not policy
     assert not any(p.requires_grad for p in ema.parameters())
+
+
+class _CrashingWorld(ShapesWorld):
+    """A world whose pretraining data source dies on its ``fail_at``-th batch (0-based)."""
+
+    def __init__(self, fail_at: int) -> None:
+        super().__init__()
+        self.calls, self.fail_at = 0, fail_at
+
+    def pretraining_batch(
+        self, prompts: Sequence[str], n: int, rng: np.random.Generator
+    ) -> tuple[list[str], np.ndarray]:
+        if self.calls == self.fail_at:
+            raise RuntimeError("data source died")
+        self.calls += 1
+        return super().pretraining_batch(prompts, n, rng)
+
+
+def _tiny_run(world: ShapesWorld, tmp_path: Path, fingerprint: str = "a") -> tuple[dict, int]:
+    torch.manual_seed(0)
+    policy = build_tiny(32, {"channels": (16, 32), "text_dim": 32, "text_layers": 1})
+    cfg = PretrainConfig(
+        steps=6, batch_size=4, warmup_steps=2, lr_schedule="cosine", eval_every=0, snapshot_every=2
+    )
+    prompts = [p.text for p in all_prompts()[:50]]
+    snaps = Snapshots(path=tmp_path / "snap", fingerprint=fingerprint)
+    ema, state = pretrain(policy, world, prompts, cfg, seed=0, snapshots=snaps)
+    return ema.state_dict(), state.step
+
+
+def test_an_interrupted_pretraining_resumes_to_the_same_weights(tmp_path: Path) -> None:
+    straight, _ = _tiny_run(ShapesWorld(), tmp_path / "straight")
+    with pytest.raises(RuntimeError, match="data source died"):
+        _tiny_run(_CrashingWorld(fail_at=3), tmp_path / "resumed")  # dies in step 4
+    assert (tmp_path / "resumed" / "snap" / "snapshot.pt").exists()  # the one of step 2
+    resumed, steps = _tiny_run(ShapesWorld(), tmp_path / "resumed")
+    assert steps == 6
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_a_snapshot_made_with_other_settings_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError):
+        _tiny_run(_CrashingWorld(fail_at=3), tmp_path)
+    with pytest.raises(ValueError, match=r"other settings.*--fresh"):
+        _tiny_run(ShapesWorld(), tmp_path, fingerprint="b")

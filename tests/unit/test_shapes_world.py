@@ -45,7 +45,7 @@ from worlds.shapes.grammar import (
     is_benchmark,
     pretrain_prompts,
 )
-from worlds.shapes.world import ShapesWorld
+from worlds.shapes.world import ShapesConfig, ShapesWorld
 
 pytestmark = pytest.mark.unit
 
@@ -935,3 +935,12 @@ def test_load_prompt_file_unreadable(tmp_path: Path) -> None:
         load_prompt_file(tmp_path / "missing.txt")
     with pytest.raises(ValueError, match="cannot read prompt file"):
         load_prompt_file(tmp_path)  # a directory
+
+
+def test_a_plain_world_config_gets_the_worlds_own_settings() -> None:
+    from worlds.base import WorldConfig, make_world
+
+    world = make_world(WorldConfig(name="shapes", image_size=24))
+    assert isinstance(world.cfg, ShapesConfig)
+    assert world.cfg.image_size == 24 and world.cfg.balance_categories
+    assert world.prompts("train") == ShapesWorld().prompts("train")
