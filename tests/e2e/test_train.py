@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import math
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import REPO
 from tests.e2e.conftest import STRAIGHT_TRAIN
-from tests.e2e.helpers import metrics, run_train, tiny_config
+from tests.e2e.helpers import metrics, run_train, tiny_config, train_env
 
 pytestmark = pytest.mark.e2e
 
@@ -107,3 +109,34 @@ def test_async_rollouts_lag_one_version_and_are_accounted_for(tmp_path: Path) ->
         # old policy for the importance ratio (it refuses versions it does not hold).
         assert r["rollout/lag"] == 1 and r["learner/lag_mean"] == 1
     assert all(r["timing/async_saved"] >= 0 for r in rounds)
+
+
+@pytest.mark.slow
+def test_the_main_job_script_runs_the_shipped_config(tmp_path: Path) -> None:
+    """README's second command, ``bash scripts/train.sh``, shrunk by ``--set`` overrides."""
+    small = {
+        "runs_dir": str(tmp_path / "runs"),
+        "train.rounds": 1,
+        "train.eval_every": 1,
+        "train.checkpoint_every": 1,
+        "rollout.prompts_per_round": 2,
+        "rollout.images_per_prompt": 4,
+        "learner.microbatch_size": 8,
+        "eval.images_per_category": 2,
+        "eval.sampling.num_steps": 4,
+    }
+    sets = [a for k, v in small.items() for a in ("--set", f"{k}={v}")]
+    out = subprocess.run(
+        ["bash", "scripts/train.sh", *sets],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+        env=train_env(),
+    )
+    assert out.returncode == 0, out.stderr[-4000:]
+    run = tmp_path / "runs" / "shapes"  # the shipped config's name
+    records = metrics(run, include_start=True)
+    assert [r["round"] for r in records] == [0, 1]  # the base model, then one round
+    assert all(0.0 <= r["eval/overall"] <= 1.0 for r in records)
+    assert (run / "checkpoints" / "round_00001" / "COMPLETE").exists()
