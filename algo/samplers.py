@@ -74,6 +74,52 @@ def flow_timesteps(
     return s.to(device=device, dtype=dtype)
 
 
+def diffusers_flow_timesteps(
+    num_steps: int,
+    shift: float = 1.0,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+    num_train_timesteps: int = 1000,
+) -> Tensor:
+    """The default grid of diffusers' ``FlowMatchEulerDiscreteScheduler`` (static shift).
+
+    What ``StableDiffusion3Pipeline`` and flow_grpo sample on, and the paper's SD3.5 runs: the
+    scheduler's training sigmas ``k / T`` (k = 1..T) are shifted once to find ``sigma_min``;
+    ``num_steps`` levels are spaced linearly from 1 to ``sigma_min``, shifted again, and a final
+    0 is appended. (The low end is shifted twice, so this is not ``flow_timesteps``: for 10
+    steps at shift 3 it gives 1, .960, .913, ..., .278, .0089, 0.) Computed with the
+    scheduler's own float32/float64 steps, so the values are its values bit for bit.
+    """
+    _check_num_steps(num_steps)
+    if not shift > 0:
+        raise ValueError(f"shift must be > 0, got {shift}")
+    first = torch.tensor([1.0], dtype=torch.float32) / num_train_timesteps
+    sigma_min = float((shift * first / (1 + (shift - 1) * first)).item())
+    s = _np_linspace(1.0 * num_train_timesteps, sigma_min * num_train_timesteps, num_steps)
+    s = s / num_train_timesteps
+    s = shift * s / (1 + (shift - 1) * s)
+    grid = torch.cat([s.to(torch.float32), torch.zeros(1)])
+    return grid.to(device=device, dtype=dtype)
+
+
+def _np_linspace(start: float, stop: float, num: int) -> Tensor:
+    """float64 ``numpy.linspace(start, stop, num)`` to the bit: ``start + i * step``, the last
+    value pinned to ``stop`` (torch's linspace rounds differently)."""
+    if num == 1:
+        return torch.tensor([start], dtype=torch.float64)
+    step = (stop - start) / (num - 1)
+    out = torch.arange(num, dtype=torch.float64) * step + start
+    out[-1] = stop
+    return out
+
+
+GridFn = Callable[..., Tensor]
+GRIDS: Registry[GridFn] = Registry("sigma grid", "sampling.grid")
+"""Sigma grids by name: ``(num_steps, shift, device=, dtype=) -> (num_steps + 1,)`` from 1 to 0."""
+GRIDS.add("uniform", flow_timesteps)
+GRIDS.add("diffusers", diffusers_flow_timesteps)
+
+
 def euler_step(x: Tensor, v: Tensor, sigma: Tensor | float, sigma_next: Tensor | float) -> Tensor:
     """One Euler step of the probability-flow ODE ``dx/dsigma = v``: ``x + (sigma_next - sigma) v``.
 
@@ -272,9 +318,12 @@ class Sampler(ABC):
         shift: float = 1.0,
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
+        grid: str = "uniform",
     ) -> Tensor:
-        """The (num_steps + 1,) sigma grid from 1 to 0 (default: ``flow_timesteps``)."""
-        return flow_timesteps(num_steps, shift, device=device, dtype=dtype)
+        """The (num_steps + 1,) sigma grid from 1 to 0: the registered ``grid`` (``GRIDS``;
+        default ``uniform``, i.e. ``flow_timesteps``). A sampler with a grid of its own
+        overrides this."""
+        return GRIDS.get(grid)(num_steps, shift, device=device, dtype=dtype)
 
     def init_state(self) -> Any:
         """The state before the first step (None unless the solver is multistep)."""
@@ -373,6 +422,7 @@ def sample(
     generator: torch.Generator | None = None,
     return_trajectory: bool = False,
     sde_steps: int | None = None,
+    grid: str = "uniform",
 ) -> SampleOutput:
     """Integrate from ``noise`` (at sigma = 1) to a sample (at sigma = 0) on the sampler's grid.
 
@@ -391,9 +441,12 @@ def sample(
         return_trajectory: also return every intermediate state (always on when stochastic).
         sde_steps: stochastic samplers only: add noise in the first ``sde_steps`` steps and
             take Euler steps after them (``log_probs`` then has ``sde_steps`` columns).
+        grid: the sigma grid, a name in ``GRIDS`` (``uniform`` or ``diffusers``).
     """
     solver = _check_sample_args(noise, sampler, num_steps, shift, eta, sde_steps)
-    timesteps = solver.timesteps(num_steps, shift, device=noise.device, dtype=_compute_dtype(noise))
+    timesteps = solver.timesteps(
+        num_steps, shift, device=noise.device, dtype=_compute_dtype(noise), grid=grid
+    )
     noisy = num_steps if sde_steps is None else sde_steps
     keep = return_trajectory or solver.stochastic
     batch = noise.shape[0]

@@ -15,7 +15,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from algo.samplers import SAMPLERS
+from algo.samplers import GRIDS, SAMPLERS
 
 PositiveInt = Annotated[int, Field(gt=0)]
 
@@ -59,6 +59,13 @@ class SamplingConfig(Section):
     )
     num_steps: PositiveInt = Field(10, description="Solver steps from t=1 (noise) to t=0.")
     shift: float = Field(1.0, gt=0, description="SD3 timestep shift of the sigma grid (1 = none).")
+    grid: str = Field(
+        "uniform",
+        description="The sigma grid (`algo/samplers.py` GRIDS): `uniform` = 1 - i/S, shifted "
+        "once; `diffusers` = FlowMatchEulerDiscreteScheduler's default (what the SD3 pipeline, "
+        "flow_grpo and the paper sample SD3.5 on). The learner's ELBO timesteps come from the "
+        "same grid.",
+    )
     eta: float = Field(0.7, ge=0, description="SDE noise level (only for stochastic samplers).")
     guidance: float = Field(
         1.0,
@@ -70,6 +77,11 @@ class SamplingConfig(Section):
     @classmethod
     def _registered(cls, v: str) -> str:
         return SAMPLERS.check(v)
+
+    @field_validator("grid")
+    @classmethod
+    def _known_grid(cls, v: str) -> str:
+        return GRIDS.check(v)
 
     @property
     def stochastic(self) -> bool:

@@ -118,7 +118,9 @@ class LearnerEngine:
         self.world_size = int(torch.distributed.get_world_size())
         # (S + 1,) the rollout sampler's own grid, 1 -> 0: the ELBO draws its timesteps from
         # it and the trajectory estimator re-scores its steps on it.
-        self.sigmas = get_sampler(sampling.sampler).timesteps(sampling.num_steps, sampling.shift)
+        self.sigmas = get_sampler(sampling.sampler).timesteps(
+            sampling.num_steps, sampling.shift, grid=sampling.grid
+        )
 
     # ------------------------------------------------- what the estimators read (LearnerView)
     @property

@@ -70,6 +70,7 @@ def generate(
             sampler=sampling.sampler,
             num_steps=sampling.num_steps,
             shift=sampling.shift,
+            grid=sampling.grid,
             eta=sampling.eta,
             generator=sde_gen,
             return_trajectory=keep_trajectory,

@@ -38,6 +38,7 @@ class SquareRootGrid(EulerSampler):
         shift: float = 1.0,
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
+        grid: str = "uniform",
     ) -> Tensor:
         i = torch.arange(num_steps + 1, dtype=torch.float64)
         return (1.0 - (i / num_steps).sqrt()).to(device=device, dtype=dtype)

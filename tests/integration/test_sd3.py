@@ -62,6 +62,30 @@ def test_the_euler_loop_equals_the_diffusers_pipeline(sd3_dir: Path, guidance: f
     assert (ours - theirs).abs().max().item() <= 1e-5
 
 
+def test_on_the_diffusers_grid_it_equals_the_pipelines_defaults(sd3_dir: Path) -> None:
+    """No sigmas given: the pipeline samples on its scheduler's default grid (shift 3)."""
+    from diffusers import StableDiffusion3Pipeline
+
+    policy = load_sd3(sd3_dir)
+    pipe = StableDiffusion3Pipeline.from_pretrained(sd3_dir, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    noise = torch.randn((2, *policy.sample_shape), generator=torch.Generator().manual_seed(1))
+    cond, uncond = policy.encode_prompts(PROMPTS), policy.encode_prompts([""] * 2)
+    fn = guided_fn(policy, cond, uncond, 3.0)
+    ours = sample(fn, noise, sampler="euler", num_steps=6, shift=3.0, grid="diffusers").x0
+    theirs = pipe(
+        PROMPTS,
+        latents=noise.clone(),
+        num_inference_steps=6,
+        guidance_scale=3.0,
+        max_sequence_length=policy.max_sequence_length,
+        output_type="latent",
+    ).images
+    assert (ours - theirs).abs().max().item() <= 1e-5
+    uniform = sample(fn, noise, sampler="euler", num_steps=6, shift=3.0).x0
+    assert (uniform - theirs).abs().max().item() > 1e-3  # the grids differ
+
+
 def test_copies_share_the_frozen_parts_and_train_only_the_transformer(sd3_dir: Path) -> None:
     policy = load_sd3(sd3_dir)
     twin = copy.deepcopy(policy)

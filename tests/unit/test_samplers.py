@@ -14,12 +14,15 @@ from diffusers.schedulers.scheduling_flow_match_euler_discrete import (
 from torch import Tensor
 
 from algo.samplers import (
+    GRIDS,
+    diffusers_flow_timesteps,
     dpm2_step,
     euler_step,
     flow_timesteps,
     sample,
     sde_step,
 )
+from common.config import SamplingConfig
 
 pytestmark = pytest.mark.unit
 
@@ -94,6 +97,42 @@ def test_flow_timesteps_matches_diffusers_shift() -> None:
     sched = FlowMatchEulerDiscreteScheduler(shift=3.0)
     sched.set_timesteps(sigmas=torch.linspace(1, 0, 11)[:-1].tolist())
     torch.testing.assert_close(sched.sigmas, flow_timesteps(10, 3.0), atol=1e-7, rtol=0)
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0, 5.0])
+@pytest.mark.parametrize("num_steps", [1, 4, 10, 28])
+def test_the_diffusers_grid_is_the_schedulers_default_bit_for_bit(
+    num_steps: int, shift: float
+) -> None:
+    sched = FlowMatchEulerDiscreteScheduler(shift=shift)
+    sched.set_timesteps(num_steps)
+    assert torch.equal(diffusers_flow_timesteps(num_steps, shift), sched.sigmas)
+    assert torch.equal(GRIDS.get("diffusers")(num_steps, shift), sched.sigmas)
+
+
+def test_the_diffusers_grid_shifts_its_low_end_twice() -> None:
+    """REAL_MODELS.md: 10 steps at shift 3 are 1, .960, ..., .278, .0089, 0 (not 0.25)."""
+    grid = diffusers_flow_timesteps(10, 3.0)
+    assert grid[1].item() == pytest.approx(0.9601, abs=1e-4)
+    assert grid[-2].item() == pytest.approx(0.0089, abs=1e-4) and grid[-1].item() == 0.0
+    assert flow_timesteps(10, 3.0)[-2].item() == pytest.approx(0.25)
+
+
+def test_sampling_on_the_diffusers_grid_is_the_schedulers_euler_loop() -> None:
+    shape = SHAPES[0]
+    fn = _linear_velocity(shape)
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    sched = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    sched.set_timesteps(10)
+    ref = _run_diffusers(sched, fn, noise, sched.sigmas)
+    out = sample(fn, noise, sampler="euler", num_steps=10, shift=3.0, grid="diffusers")
+    torch.testing.assert_close(out.timesteps, sched.sigmas, atol=0, rtol=0)
+    torch.testing.assert_close(out.x0, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_an_unknown_grid_is_refused_with_the_known_ones() -> None:
+    with pytest.raises(ValueError, match=r"unknown sigma grid 'karras'.*uniform, diffusers"):
+        SamplingConfig(grid="karras")
 
 
 # --- ODE samplers against diffusers --------------------------------------------------------
