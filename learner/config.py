@@ -77,6 +77,20 @@ class LearnerConfig(Section):
         "group", description="Std used by the `standard` advantage: per prompt group or per round."
     )
     kl_beta: float = Field(1e-4, ge=0, description="KL weight to the reference (base) policy.")
+    train_guidance: float | None = Field(
+        None,
+        ge=1.0,
+        description="Classifier-free guidance scale G inside the learner's current and old "
+        "passes (ELBO or trajectory log-probs); the ELBO is divided by it as the method "
+        "defines. null = the rollouts' `rollout.sampling.guidance`. The trajectory baseline "
+        "needs the sampling scale (it re-scores the sampled steps).",
+    )
+    ref_guidance: float | None = Field(
+        None,
+        ge=1.0,
+        description="Guidance scale of the reference passes (the KL term); null = the "
+        "training scale.",
+    )
     old_policy_schedule: str = Field(
         "linear",
         description="Old-policy EMA old <- d old + (1 - d) current after each optimizer step "
@@ -107,6 +121,12 @@ class LearnerConfig(Section):
                 "(the method's GRPO also uses learner.advantage_std = 'round')"
             )
         return self
+
+    def guidance_scales(self, sampling_guidance: float) -> tuple[float, float]:
+        """``(training, reference)`` guidance scales for rollouts sampled at
+        ``sampling_guidance`` (the nulls resolved)."""
+        train = self.train_guidance if self.train_guidance is not None else sampling_guidance
+        return train, self.ref_guidance if self.ref_guidance is not None else train
 
     def loss_config(self, prediction: str, cfg_scale: float) -> LossConfig:
         """The math's loss settings for a model predicting ``prediction`` (velocity/epsilon),

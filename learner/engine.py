@@ -45,7 +45,7 @@ from common.config import SamplingConfig
 from learner.batch import TrainBatch
 from learner.config import LearnerConfig
 from learner.estimators import ESTIMATORS
-from policy.base import Policy
+from policy.base import GuidedModel, Policy
 from policy.config import LoraConfig
 from policy.lora import add_lora, trainable_keys
 from policy.state import StateDict, checksum, to_numpy_state
@@ -92,11 +92,15 @@ class LearnerEngine:
 
         self.cfg, self.sampling, self.seed = cfg, sampling, seed
         prediction = "velocity" if policy.prediction_type == "flow" else "epsilon"
-        self.loss_cfg: LossConfig = cfg.loss_config(prediction, cfg_scale=sampling.guidance)
+        self.train_guidance, self.ref_guidance = cfg.guidance_scales(sampling.guidance)
+        # The ELBO is divided by the scale its passes are guided with (DESIGN.md section 1).
+        self.loss_cfg: LossConfig = cfg.loss_config(prediction, cfg_scale=self.train_guidance)
         self.estimator = ESTIMATORS.get(cfg.estimator)
         self.schedule = get_schedule(cfg.old_policy_schedule)
         # The reference is the base model: copied before any adapter is added.
-        self.ref = copy.deepcopy(policy).requires_grad_(False).eval() if cfg.kl_beta > 0 else None
+        self.ref_policy = (
+            copy.deepcopy(policy).requires_grad_(False).eval() if cfg.kl_beta > 0 else None
+        )
         if lora is not None and lora.rank > 0:
             add_lora(policy, lora)
         self.keys = trainable_keys(policy)  # what trains, what the EMA and broadcast cover
@@ -125,7 +129,15 @@ class LearnerEngine:
     # ------------------------------------------------- what the estimators read (LearnerView)
     @property
     def model(self) -> Any:
-        return self.engine
+        """The trained policy's forward under DeepSpeed, guided at the training scale."""
+        return GuidedModel(self.engine, self.policy, self.train_guidance)
+
+    @property
+    def ref(self) -> Any:
+        """The reference policy's forward at the reference scale, or None without a KL."""
+        if self.ref_policy is None:
+            return None
+        return GuidedModel(self.ref_policy, self.ref_policy, self.ref_guidance)
 
     @property
     def num_timesteps(self) -> int:
@@ -161,8 +173,12 @@ class LearnerEngine:
         with self._full_params():
             return to_numpy_state(self.policy, self.keys)
 
-    def old_for(self, version: int) -> Policy:
-        """The sampling policy of ``version`` (the current one, or the one lagged version)."""
+    def old_for(self, version: int) -> Any:
+        """The forward of the sampling policy of ``version`` (the current one, or the one
+        lagged version), guided at the training scale."""
+        return GuidedModel(self._old_policy(version), self.old, self.train_guidance)
+
+    def _old_policy(self, version: int) -> Policy:
         if version == self.version:
             return self.old
         if version not in self.lagged:

@@ -82,6 +82,29 @@ def guided_fn(
     return fn
 
 
+class GuidedModel:
+    """``model(x_t, t, cond)`` with classifier-free guidance at ``scale`` (a ``ModelFn``).
+
+    The learner's passes go through it so that the ELBO (and the trajectory baseline's
+    log-probs) see the velocity the guidance scale defines: ``u + G (c - u)`` with the
+    unconditional branch ``u`` from the empty prompt, in one doubled batch, gradients through
+    both branches (as the paper's ``v_pred_fn``). With ``scale == 1`` it is ``model`` itself.
+    """
+
+    def __init__(self, model: Callable[..., Tensor], policy: Policy, scale: float):
+        if scale < 1.0:
+            raise ValueError(f"a guidance scale must be >= 1, got {scale}")
+        self.model, self.policy, self.scale = model, policy, scale
+
+    def __call__(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
+        if self.scale == 1.0:
+            return self.model(x_t, t, cond)
+        uncond = self.policy.encode_prompts([""] * x_t.shape[0])
+        both = self.model(torch.cat([x_t, x_t]), torch.cat([t, t]), _cat_cond(cond, uncond))
+        c, u = both.chunk(2)
+        return u + self.scale * (c - u)
+
+
 def _cat_cond(a: Cond, b: Cond) -> Cond:
     if isinstance(a, dict):
         return {k: torch.cat([a[k], b[k]]) for k in a}

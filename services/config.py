@@ -228,6 +228,20 @@ class RunConfig(_Section):
             )
         return self
 
+    @model_validator(mode="after")
+    def _check_guidance(self) -> RunConfig:
+        """The trajectory baseline re-scores the sampled SDE steps: same guidance or no ratio."""
+        lr, sampling = self.learner, self.rollout.sampling
+        train, _ = lr.guidance_scales(sampling.guidance)
+        if ESTIMATORS.get(lr.estimator).needs_trajectory and train != sampling.guidance:
+            raise ValueError(
+                f"learner.estimator = {lr.estimator!r} re-scores the sampled steps, so its "
+                f"passes need the sampling guidance: learner.train_guidance = {train} differs "
+                f"from rollout.sampling.guidance = {sampling.guidance}; set it to "
+                f"{sampling.guidance} or leave it null"
+            )
+        return self
+
 
 class ConfigError(ValueError):
     """A configuration the user must fix; the message says where and how."""
