@@ -85,6 +85,14 @@ class LearnerConfig(Section):
         "defines. null = the rollouts' `rollout.sampling.guidance`. The trajectory baseline "
         "needs the sampling scale (it re-scores the sampled steps).",
     )
+    first_ratio_tol: float = Field(
+        1e-2,
+        ge=0,
+        description="Fail fast: before the first update the current and old policies are the "
+        "same weights, so every importance ratio must be 1; the run stops (nothing applied) if "
+        "one is further from 1 than this (guidance, dtype, adapter or re-scoring mistakes). "
+        "0 = no check.",
+    )
     ref_guidance: float | None = Field(
         None,
         ge=1.0,

@@ -52,7 +52,17 @@ from policy.state import StateDict, checksum, to_numpy_state
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LearnerEngine", "PublishedWeights", "TrainBatch", "deepspeed_config"]
+__all__ = [
+    "FirstRatioError",
+    "LearnerEngine",
+    "PublishedWeights",
+    "TrainBatch",
+    "deepspeed_config",
+]
+
+
+class FirstRatioError(RuntimeError):
+    """The first step's importance ratios are not 1: the likelihood passes are inconsistent."""
 
 
 def deepspeed_config(cfg: LearnerConfig) -> dict[str, Any]:
@@ -226,6 +236,9 @@ class LearnerEngine:
             metrics += m
             bad += b
         skipped = self._vote_skip(bad)
+        first_step = self.version == 0 and int(self.engine.global_steps) == 0
+        if first_step and not skipped and self.cfg.first_ratio_tol > 0:
+            self._check_first_ratio(merge_metrics(metrics) if metrics else {})
         self._step(skipped)
         first = np.flatnonzero(keep)[: self.cfg.microbatch_size]
         improvement = (
@@ -249,6 +262,24 @@ class LearnerEngine:
             }
         )
         return out
+
+    def _check_first_ratio(self, metrics: dict[str, float]) -> None:
+        """Before the first update current == old, so every ratio is 1 (to float noise) unless
+        the passes differ from each other or from the rollouts'. All ranks agree on failing."""
+        lo, hi = metrics.get("learner/ratio_min", 1.0), metrics.get("learner/ratio_max", 1.0)
+        off = torch.tensor([max(abs(hi - 1.0), abs(1.0 - lo))], dtype=torch.float64)
+        if self.world_size > 1:
+            torch.distributed.all_reduce(off, op=torch.distributed.ReduceOp.MAX)
+        if not off.item() <= self.cfg.first_ratio_tol:  # (NaN fails too)
+            raise FirstRatioError(
+                f"the first step's importance ratios are up to {off.item():.3g} from 1 "
+                f"(learner.first_ratio_tol = {self.cfg.first_ratio_tol}), though the current "
+                "and old policies are the same weights; nothing was applied. Likely causes: the "
+                "learner's passes guided differently from the rollouts (learner.train_guidance "
+                "vs rollout.sampling.guidance for the trajectory baseline), a dtype or device "
+                "difference between rollout and learner, dropout active in training mode, or "
+                "an adapter left enabled/disabled between passes"
+            )
 
     def _vote_skip(self, bad: int) -> bool:
         """True on every rank when any rank met a non-finite loss this step."""

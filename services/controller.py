@@ -32,10 +32,11 @@ from typing import Any
 
 import numpy as np
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from tqdm.auto import tqdm
 
 from algo.seeds import EVAL_OFFSET, LEARNER_INDEX, round_seed
+from learner.engine import FirstRatioError
 from services import rounds
 from services.actors import LearnerWorker, RewardWorker, RolloutWorker
 from services.api.control import stop_requested
@@ -491,6 +492,10 @@ class Controller:
             raise LearnerLost(f"a learner rank died during {what} ({exc}); {where}") from exc
         except GetTimeoutError as exc:
             raise RunStopped(f"{what} did not finish within {self.timeout:.0f} s") from exc
+        except RayTaskError as exc:
+            if isinstance(exc.cause, FirstRatioError):  # a setup mistake: say it plainly
+                raise RunStopped(str(exc.cause)) from None
+            raise
 
     def _sample_grid(self, pending: PendingRound, scored: list[Any | None], round_: int) -> None:
         """The first 16 images of the round's first scored chunk, with prompts and rewards."""

@@ -1,9 +1,12 @@
 """``elborl train`` with faults injected by test-only subclasses (no hook in the library).
 
-    python -m tests.e2e.faulty [--nan-loss-steps 2,4,5] [--crash-in-checkpoint N] train ARGS
+    python -m tests.e2e.faulty [--nan-loss-steps 2,4,5] [--unguided-learner]
+        [--crash-in-checkpoint N] train ARGS
 
 - ``--nan-loss-steps``: the learner's engine makes every loss of those (1-based) optimizer
   steps NaN (a subclass of ``LearnerEngine``, run by a subclass of ``LearnerWorker``);
+- ``--unguided-learner``: the learner's passes ignore the guidance scale (the mistake
+  ``learner.first_ratio_tol`` catches before the first update);
 - ``--crash-in-checkpoint N``: the process dies (exit 137) after round N's checkpoint files
   are written and before they are committed (a subclass of ``RunDir``).
 """
@@ -58,6 +61,18 @@ def nan_learner(steps: str) -> type:
     return Learner
 
 
+class UnguidedEngine(LearnerEngine):
+    """A learner engine whose passes are unguided whatever the rollouts were sampled with."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.train_guidance = self.ref_guidance = 1.0
+
+
+class UnguidedLearner(LearnerWorker):
+    engine_class = UnguidedEngine
+
+
 class CrashingRunDir(RunDir):
     """Dies like a killed process once round ``crash_round``'s files are written."""
 
@@ -78,11 +93,14 @@ def main(argv: list[str]) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m tests.e2e.faulty")
     parser.add_argument("--nan-loss-steps", default="")
+    parser.add_argument("--unguided-learner", action="store_true")
     parser.add_argument("--crash-in-checkpoint", type=int, default=-1)
     ours, rest = parser.parse_known_args(argv)
     extra: dict[str, Any] = {}
     if ours.nan_loss_steps:
         extra["classes"] = RoleClasses(learner=nan_learner(ours.nan_loss_steps))
+    if ours.unguided_learner:
+        extra["classes"] = RoleClasses(learner=UnguidedLearner)
     if ours.crash_in_checkpoint >= 0:
         CrashingRunDir.crash_round = ours.crash_in_checkpoint
         extra["run_dir_class"] = CrashingRunDir

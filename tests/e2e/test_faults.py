@@ -257,6 +257,26 @@ def test_a_nan_loss_skips_the_step_without_touching_the_weights(tmp_path: Path) 
     assert m[-1]["faults/steps_skipped"] == 3
 
 
+def test_a_learner_whose_passes_disagree_with_the_rollouts_stops_before_updating(
+    tmp_path: Path,
+) -> None:
+    # Rollouts guided at G = 3 on the SDE, a learner (test-only subclass) that re-scores them
+    # unguided: the first step's ratios are off, so the run stops with the likely causes.
+    cfg = tiny_config(
+        tmp_path,
+        name="unguided",
+        rollout={"sampling": {"sampler": "sde", "num_steps": 4, "guidance": 3.0}},
+        learner={"estimator": "trajectory", "loss": "grpo", "advantage": "standard"},
+        train={"rounds": 2, "eval_every": 0, "sample_grid_every": 0},
+    )
+    out = run_train(["--config", str(cfg)], faults=["--unguided-learner"])
+    assert out.returncode == 1, out.stderr[-3000:]
+    assert "importance ratios are up to" in out.stderr and "train_guidance" in out.stderr
+    status = json.loads((tmp_path / "runs" / "unguided" / "status.json").read_text())
+    assert status["state"] == "failed" and "importance ratios" in status["error"]
+    assert not (tmp_path / "runs" / "unguided" / "metrics.jsonl").exists()  # no round finished
+
+
 # ---------------------------------------------------------------------- crashes, signals
 def test_a_crash_while_writing_a_checkpoint_resumes_from_the_previous_one(
     tmp_path: Path,

@@ -15,7 +15,7 @@ import torch
 from common.config import SamplingConfig
 from learner.batch import TrainBatch
 from learner.config import LearnerConfig
-from learner.engine import LearnerEngine
+from learner.engine import FirstRatioError, LearnerEngine
 from policy.base import GuidedModel, guided_fn
 from policy.io import load_policy
 from rollout.generate import generate
@@ -90,3 +90,18 @@ def test_the_trajectory_baseline_refuses_another_training_scale() -> None:
         RunConfig.model_validate(settings)
     settings["learner"] = {"estimator": "trajectory"}  # null follows the sampling scale
     assert RunConfig.model_validate(settings).learner.guidance_scales(3.0) == (3.0, 3.0)
+
+
+def test_a_first_step_whose_ratios_are_not_one_stops_before_any_update(one_rank: None) -> None:
+    """Rollouts guided at G = 3, a learner told they were unguided: caught, nothing applied."""
+    cfg = LearnerConfig(
+        estimator="trajectory", loss="grpo", advantage="standard", microbatch_size=8, kl_beta=0.0
+    )
+    unguided = SamplingConfig(sampler="sde", num_steps=4, guidance=1.0)
+    engine = LearnerEngine(load_policy(BASE_CHECKPOINT), cfg, unguided, seed=0)
+    before = {k: v.clone() for k, v in engine.policy.state_dict().items()}
+    batch = _batch(SamplingConfig(sampler="sde", num_steps=4, guidance=3.0), trajectory=True)
+    with pytest.raises(FirstRatioError, match=r"importance ratios are up to .* from 1.*guided"):
+        engine.train_step(batch)
+    after = engine.policy.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
