@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import BASE_CHECKPOINT, REPO
+from tests.conftest import BASE_CHECKPOINT, REPO, SHIPPED_BASE
 
 pytestmark = pytest.mark.e2e
 
@@ -69,9 +69,9 @@ def test_bad_config_fails_fast(
 
 
 def test_eval_base_model_json() -> None:
-    if not (BASE_CHECKPOINT / "model.safetensors").exists():
-        pytest.fail(f"the shipped base checkpoint {BASE_CHECKPOINT} is missing")
-    args = ["eval", "--checkpoint", str(BASE_CHECKPOINT), "--max-prompts", "12", "--json"]
+    if not (SHIPPED_BASE / "model.safetensors").exists():
+        pytest.fail(f"the shipped base checkpoint {SHIPPED_BASE} is missing")
+    args = ["eval", "--checkpoint", str(SHIPPED_BASE), "--max-prompts", "12", "--json"]
     fast = ["--set", "eval.sampling.num_steps=8", "--set", "eval.images_per_category=8"]
     out = _run([*args, "--pass-k", "2", *fast])
     assert out.returncode == 0, out.stderr
