@@ -7,6 +7,10 @@ tiny model; SD3.5-M's at r = 32 is 72 MB in fp32), and the reference policy is t
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
 import torch
 
 from policy.base import Policy
@@ -38,3 +42,69 @@ def add_lora(policy: Policy, cfg: LoraConfig) -> Policy:
 def trainable_keys(policy: torch.nn.Module) -> list[str]:
     """State-dict keys of the trainable parameters (all of them without LoRA)."""
     return [name for name, p in policy.named_parameters() if p.requires_grad]
+
+
+def _denoiser(policy: torch.nn.Module) -> Any:
+    denoiser = getattr(policy, "unet", None) or getattr(policy, "transformer", None)
+    if denoiser is None or not hasattr(denoiser, "set_adapter"):
+        raise ValueError(f"{type(policy).__name__} has no diffusers denoiser with adapters")
+    return denoiser
+
+
+def add_old_adapter(policy: Policy, cfg: LoraConfig, name: str = "old") -> None:
+    """A second, frozen adapter ``name`` holding a copy of the trained (``default``) one.
+
+    The old policy of a LoRA run can then live on the same base weights as the current one
+    (``adapter_pass(policy, "old")``) instead of a deep copy of the whole denoiser; the
+    reference policy is the base itself (``adapter_pass(policy, None)``). ``default`` stays the
+    active, trainable adapter.
+    """
+    from peft import LoraConfig as PeftLoraConfig
+
+    denoiser = _denoiser(policy)
+    flags = {p: p.requires_grad for p in policy.parameters()}
+    denoiser.add_adapter(
+        PeftLoraConfig(
+            r=cfg.rank,
+            lora_alpha=cfg.alpha or 2 * cfg.rank,
+            target_modules=list(cfg.target_modules),
+            init_lora_weights="gaussian",
+        ),
+        adapter_name=name,
+    )
+    denoiser.set_adapter("default")  # add_adapter made the new one active
+    params = dict(policy.named_parameters())
+    with torch.no_grad():
+        for key, p in params.items():
+            if f".{name}." in key:
+                p.copy_(params[key.replace(f".{name}.", ".default.")])
+                p.requires_grad_(False)
+            elif p in flags:
+                p.requires_grad_(flags[p])
+
+
+@contextmanager
+def adapter_pass(policy: Policy, adapter: str | None) -> Iterator[None]:
+    """Forward passes inside run with ``adapter`` active (``None``: all adapters disabled,
+    i.e. the base model); on exit the active adapters and every ``requires_grad`` flag are
+    what they were.
+
+    peft's ``set_adapter``/``disable_adapters`` flip ``requires_grad``; a trained adapter left
+    with the flag off before ``backward()`` silently gets no gradient, so a reference or old
+    pass after the current forward must not leave it so (``../shared/REAL_MODELS.md`` 1.5).
+    """
+    denoiser = _denoiser(policy)
+    flags = [(p, p.requires_grad) for p in policy.parameters()]
+    active = list(denoiser.active_adapters())
+    try:
+        if adapter is None:
+            denoiser.disable_adapters()
+        else:
+            denoiser.set_adapter(adapter)
+        yield
+    finally:
+        if adapter is None:
+            denoiser.enable_adapters()
+        denoiser.set_adapter(active)
+        for p, flag in flags:
+            p.requires_grad_(flag)
