@@ -74,12 +74,7 @@ def guided_fn(
     if guidance == 1.0 or uncond is None:
         return lambda x, t: policy(x, t, cond)
 
-    def fn(x: Tensor, t: Tensor) -> Tensor:
-        both = policy(torch.cat([x, x]), torch.cat([t, t]), _cat_cond(cond, uncond))
-        c, u = both.chunk(2)
-        return u + guidance * (c - u)
-
-    return fn
+    return lambda x, t: _guided(policy, x, t, cond, uncond, guidance)
 
 
 class GuidedModel:
@@ -100,9 +95,15 @@ class GuidedModel:
         if self.scale == 1.0:
             return self.model(x_t, t, cond)
         uncond = self.policy.encode_prompts([""] * x_t.shape[0])
-        both = self.model(torch.cat([x_t, x_t]), torch.cat([t, t]), _cat_cond(cond, uncond))
-        c, u = both.chunk(2)
-        return u + self.scale * (c - u)
+        return _guided(self.model, x_t, t, cond, uncond, self.scale)
+
+
+def _guided(
+    model: Callable[..., Tensor], x: Tensor, t: Tensor, cond: Cond, uncond: Cond, scale: float
+) -> Tensor:
+    """``u + G (c - u)`` from one doubled batch: conditional rows first, then unconditional."""
+    c, u = model(torch.cat([x, x]), torch.cat([t, t]), _cat_cond(cond, uncond)).chunk(2)
+    return u + scale * (c - u)
 
 
 def _cat_cond(a: Cond, b: Cond) -> Cond:

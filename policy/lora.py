@@ -19,21 +19,12 @@ from policy.config import LoraConfig
 
 def add_lora(policy: Policy, cfg: LoraConfig) -> Policy:
     """Inject adapters into the policy's denoiser and freeze everything else (in place)."""
-    from peft import LoraConfig as PeftLoraConfig
-
     if cfg.rank <= 0:
         raise ValueError("add_lora needs model.lora.rank > 0")
     denoiser = getattr(policy, "unet", None) or getattr(policy, "transformer", None)
     if denoiser is None or not hasattr(denoiser, "add_adapter"):
         raise ValueError(f"{type(policy).__name__} has no diffusers denoiser to adapt")
-    denoiser.add_adapter(
-        PeftLoraConfig(
-            r=cfg.rank,
-            lora_alpha=cfg.alpha or 2 * cfg.rank,
-            target_modules=list(cfg.target_modules),
-            init_lora_weights="gaussian",
-        )
-    )
+    denoiser.add_adapter(_peft_config(cfg))
     for name, p in policy.named_parameters():
         p.requires_grad_("lora_" in name)
     return policy
@@ -42,6 +33,18 @@ def add_lora(policy: Policy, cfg: LoraConfig) -> Policy:
 def trainable_keys(policy: torch.nn.Module) -> list[str]:
     """State-dict keys of the trainable parameters (all of them without LoRA)."""
     return [name for name, p in policy.named_parameters() if p.requires_grad]
+
+
+def _peft_config(cfg: LoraConfig) -> Any:
+    """peft's adapter settings for ``cfg`` (gaussian init: B = 0, so it starts as identity)."""
+    from peft import LoraConfig as PeftLoraConfig
+
+    return PeftLoraConfig(
+        r=cfg.rank,
+        lora_alpha=cfg.alpha or 2 * cfg.rank,
+        target_modules=list(cfg.target_modules),
+        init_lora_weights="gaussian",
+    )
 
 
 def _denoiser(policy: torch.nn.Module) -> Any:
@@ -59,19 +62,9 @@ def add_old_adapter(policy: Policy, cfg: LoraConfig, name: str = "old") -> None:
     reference policy is the base itself (``adapter_pass(policy, None)``). ``default`` stays the
     active, trainable adapter.
     """
-    from peft import LoraConfig as PeftLoraConfig
-
     denoiser = _denoiser(policy)
     flags = {p: p.requires_grad for p in policy.parameters()}
-    denoiser.add_adapter(
-        PeftLoraConfig(
-            r=cfg.rank,
-            lora_alpha=cfg.alpha or 2 * cfg.rank,
-            target_modules=list(cfg.target_modules),
-            init_lora_weights="gaussian",
-        ),
-        adapter_name=name,
-    )
+    denoiser.add_adapter(_peft_config(cfg), adapter_name=name)
     denoiser.set_adapter("default")  # add_adapter made the new one active
     params = dict(policy.named_parameters())
     with torch.no_grad():
