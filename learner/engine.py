@@ -24,14 +24,13 @@ count, and DeepSpeed *averages* over equal-sized rank shards, which gives the me
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -39,11 +38,12 @@ from torch import Tensor
 
 from algo.losses import LossConfig
 from algo.microbatch import merge_metrics
-from algo.old_policy import ema_update_, get_schedule
+from algo.old_policy import get_schedule
 from algo.samplers import get_sampler
 from common.config import SamplingConfig
 from learner.batch import TrainBatch
 from learner.config import LearnerConfig
+from learner.copies import AdapterCopies, DeepCopies, PolicyCopies, frozen_copy
 from learner.estimators import ESTIMATORS
 from policy.base import GuidedModel, Policy
 from policy.config import LoraConfig
@@ -97,7 +97,10 @@ class LearnerEngine:
         sampling: SamplingConfig,
         seed: int,
         lora: LoraConfig | None = None,
+        copies: Literal["adapters", "deep"] | None = None,
     ):
+        """``copies`` chooses how the old, lagged and reference policies are held (None:
+        adapters on the one base model for LoRA, deep copies otherwise; tests compare them)."""
         import deepspeed
 
         self.cfg, self.sampling, self.seed = cfg, sampling, seed
@@ -107,16 +110,8 @@ class LearnerEngine:
         self.loss_cfg: LossConfig = cfg.loss_config(prediction, cfg_scale=self.train_guidance)
         self.estimator = ESTIMATORS.get(cfg.estimator)
         self.schedule = get_schedule(cfg.old_policy_schedule)
-        # The reference is the base model: copied before any adapter is added.
-        self.ref_policy = (
-            copy.deepcopy(policy).requires_grad_(False).eval() if cfg.kl_beta > 0 else None
-        )
-        if lora is not None and lora.rank > 0:
-            add_lora(policy, lora)
-        self.keys = trainable_keys(policy)  # what trains, what the EMA and broadcast cover
-        self.old = copy.deepcopy(policy).requires_grad_(False).eval()
-        # The sampling weights of earlier versions, for rollouts that lag (one-step async).
-        self.lagged: dict[int, Policy] = {}
+        self.lora = lora is not None and lora.rank > 0
+        self.copies = self._hold_copies(policy, lora, copies)
         optimizer = torch.optim.AdamW(
             [p for p in policy.parameters() if p.requires_grad],
             lr=cfg.lr,
@@ -136,6 +131,25 @@ class LearnerEngine:
             sampling.num_steps, sampling.shift, grid=sampling.grid
         )
 
+    def _hold_copies(
+        self, policy: Policy, lora: LoraConfig | None, copies: Literal["adapters", "deep"] | None
+    ) -> PolicyCopies:
+        """Add the adapters (LoRA) and hold the old (sampling), lagged and reference policies:
+        frozen adapters on the same base model for LoRA (the reference is the base), deep
+        copies for full fine-tuning. Sets ``keys``, the trained parameters."""
+        with_ref = self.cfg.kl_beta > 0
+        adapters = copies == "adapters" or (copies is None and self.lora)
+        if adapters and not self.lora:
+            raise ValueError("adapter copies need LoRA (model.lora.rank > 0)")
+        # For deep copies the reference is the base model: copied before any adapter is added.
+        reference = frozen_copy(policy) if with_ref and not adapters else None
+        if lora is not None and self.lora:
+            add_lora(policy, lora)
+        self.keys = trainable_keys(policy)  # what trains, what the EMA and broadcast cover
+        if adapters and lora is not None:
+            return AdapterCopies(policy, self.keys, lora, with_ref)
+        return DeepCopies(policy, self.keys, reference)
+
     # ------------------------------------------------- what the estimators read (LearnerView)
     @property
     def model(self) -> Any:
@@ -145,9 +159,10 @@ class LearnerEngine:
     @property
     def ref(self) -> Any:
         """The reference policy's forward at the reference scale, or None without a KL."""
-        if self.ref_policy is None:
+        ref = self.copies.reference()
+        if ref is None:
             return None
-        return GuidedModel(self.ref_policy, self.ref_policy, self.ref_guidance)
+        return GuidedModel(ref, self.policy, self.ref_guidance)
 
     @property
     def num_timesteps(self) -> int:
@@ -175,7 +190,8 @@ class LearnerEngine:
 
     def sampling_state(self) -> tuple[int, StateDict, str]:
         """``(version, weights, checksum)`` of the sampling (old) policy, to publish."""
-        state = to_numpy_state(self.old, self.keys)
+        with self._full_params():
+            state = {k: v.detach().cpu().numpy().copy() for k, v in self.copies.old_state().items()}
         return self.version, state, checksum(state)
 
     def current_state(self) -> StateDict:
@@ -186,28 +202,26 @@ class LearnerEngine:
     def old_for(self, version: int) -> Any:
         """The forward of the sampling policy of ``version`` (the current one, or the one
         lagged version), guided at the training scale."""
-        return GuidedModel(self._old_policy(version), self.old, self.train_guidance)
+        return GuidedModel(self._old_policy(version), self.policy, self.train_guidance)
 
-    def _old_policy(self, version: int) -> Policy:
+    def _old_policy(self, version: int) -> Any:
         if version == self.version:
-            return self.old
-        if version not in self.lagged:
+            return self.copies.old()
+        if version != self.copies.lagged_version:
+            held = sorted(v for v in (self.version, self.copies.lagged_version) if v is not None)
             raise ValueError(
                 f"rollout from policy version {version}, but the learner only holds versions "
-                f"{sorted([self.version, *self.lagged])}; a rollout lagging more than one "
-                "update cannot be importance-weighted"
+                f"{held}; a rollout lagging more than one update cannot be importance-weighted"
             )
-        return self.lagged[version]
+        return self.copies.lagged()
 
     def _update_old(self) -> float:
         step = int(self.engine.global_steps)
-        self.lagged = {self.version: copy.deepcopy(self.old)}  # keep exactly one lagged version
         with self._full_params():
-            sd, old_sd = self.policy.state_dict(), self.old.state_dict()
+            sd = self.policy.state_dict()
             decay = self.schedule(step)
-            ema_update_(
-                {k: old_sd[k] for k in self.keys}, {k: sd[k].detach() for k in self.keys}, decay
-            )
+            # The old policy before this update becomes the one lagged version kept.
+            self.copies.update({k: sd[k].detach() for k in self.keys}, decay, self.version)
         self.version += 1
         return decay
 
@@ -334,25 +348,32 @@ class LearnerEngine:
     # ----------------------------------------------------------------- checkpoints
     def save(self, directory: Path) -> None:
         """DeepSpeed state (model, optimizer; per rank) plus the old/lagged policies."""
-        self.engine.save_checkpoint(str(directory / "deepspeed"), tag="state")
-        if self.rank == 0:
-            extra = {
-                "version": self.version,
-                "old": self.old.state_dict(),
-                "lagged": {v: m.state_dict() for v, m in self.lagged.items()},
-            }
+        self.engine.save_checkpoint(
+            str(directory / "deepspeed"), tag="state", exclude_frozen_parameters=self.lora
+        )
+        if self.rank == 0:  # the old/lagged policies differ from the base only in ``keys``
+            with self._full_params():
+                lagged = self.copies.lagged_state()
+                extra = {
+                    "version": self.version,
+                    "old": {k: v.clone() for k, v in self.copies.old_state().items()},
+                    "lagged": {}
+                    if lagged is None
+                    else {self.copies.lagged_version: {k: v.clone() for k, v in lagged.items()}},
+                }
             torch.save(extra, directory / "learner_extra.pt")
 
     def load(self, directory: Path) -> None:
         """Restore what ``save`` wrote (every rank reads the shared extra file)."""
-        path, _ = self.engine.load_checkpoint(str(directory / "deepspeed"), tag="state")
+        path, _ = self.engine.load_checkpoint(
+            str(directory / "deepspeed"), tag="state", load_module_strict=not self.lora
+        )
         if path is None:
             raise ValueError(f"no DeepSpeed checkpoint under {directory / 'deepspeed'}")
         extra = torch.load(directory / "learner_extra.pt", weights_only=True)
         self.version = int(extra["version"])
-        self.old.load_state_dict(extra["old"])
-        self.lagged = {}
-        for v, sd in extra["lagged"].items():
-            m = copy.deepcopy(self.old)
-            m.load_state_dict(sd)
-            self.lagged[int(v)] = m
+        lagged = [(int(v), sd) for v, sd in extra["lagged"].items()]
+        with self._full_params():
+            self.copies.load(
+                extra["old"], lagged[0][1] if lagged else None, lagged[0][0] if lagged else None
+            )

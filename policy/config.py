@@ -14,9 +14,12 @@ class LoraConfig(Section):
 
     rank: int = Field(0, ge=0, description="LoRA rank r; 0 disables LoRA (full fine-tuning).")
     alpha: int = Field(0, ge=0, description="LoRA alpha; scale is alpha / rank. 0 means 2 * rank.")
-    target_modules: list[str] = Field(
-        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"],
-        description="Module name suffixes that receive adapters.",
+    target_modules: list[str] | None = Field(
+        None,
+        description="Module name suffixes of the denoiser that receive adapters; null = the "
+        "model kind's default (`tiny`: to_q, to_k, to_v, to_out.0; `sd3`: both streams of the "
+        "joint attention, the paper's eight projections). The count of adapted modules is "
+        "logged when the adapters are added.",
     )
 
 
@@ -41,6 +44,27 @@ class ModelConfig(Section):
         "text_layers, pack). Defaults are filled in.",
     )
     lora: LoraConfig = Field(default_factory=LoraConfig, description="Adapter settings for RL.")
+    path: str | None = Field(
+        None,
+        description="Local diffusers-format directory of a real model (kinds that load one, "
+        "e.g. `sd3`: model_index.json, transformer/, vae/, scheduler/, text encoders and "
+        "tokenizers, as `save_pretrained` writes it). Never downloaded from a hub.",
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32",
+        description="Weights and compute dtype of the denoiser and text encoders of a real "
+        "model; the VAE stays float32 and LoRA parameters float32. `tiny` is float32 only.",
+    )
+    max_sequence_length: PositiveInt = Field(
+        128,
+        description="Tokens of the T5 prompt encoding for kinds that have one (`sd3`); the "
+        "paper and flow_grpo use 128.",
+    )
+    gradient_checkpointing: bool = Field(
+        False,
+        description="Recompute the denoiser's activations in backward (less memory, ~30 % "
+        "more learner time); for real models.",
+    )
 
     @field_validator("kind")
     @classmethod
@@ -48,6 +72,36 @@ class ModelConfig(Section):
         from policy.models import model_kinds
 
         return model_kinds().check(v)
+
+    @model_validator(mode="after")
+    def _weights_of_the_kind(self) -> ModelConfig:
+        """A kind that loads from ``path`` needs one (and no ``checkpoint``); others the
+        reverse."""
+        from policy.models import model_kind
+
+        kind = model_kind(self.kind)
+        if kind.from_path is None:
+            if self.path is not None:
+                raise ValueError(
+                    f"model kind {self.kind!r} loads from model.checkpoint, not model.path; "
+                    "remove model.path (or pick a kind that loads a diffusers directory: sd3)"
+                )
+            if self.dtype != "float32":
+                raise ValueError(f"model kind {self.kind!r} runs in float32 only (model.dtype)")
+            return self
+        if self.path is None:
+            raise ValueError(
+                f"model kind {self.kind!r} needs model.path, the local diffusers directory of "
+                "the model (set it with --set model.path=DIR)"
+            )
+        if "checkpoint" not in self.model_fields_set:
+            object.__setattr__(self, "checkpoint", None)  # the tiny default does not apply
+        elif self.checkpoint is not None:
+            raise ValueError(
+                f"model kind {self.kind!r} loads its weights from model.path; model.checkpoint "
+                "must be null (resume a run with --resume instead)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _arch_of_the_kind(self) -> ModelConfig:

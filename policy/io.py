@@ -2,8 +2,8 @@
 
 A saved policy is a directory with ``config.json`` (its ``kind``, what the kind needs to
 rebuild the network, and the provenance of the weights) and ``model.safetensors`` (the
-weights). Real models (SD3.5, FLUX, SD1.5) will load from their diffusers directory instead,
-selected by ``ModelConfig.kind``.
+weights). Real models (``sd3``) load from their own diffusers directory instead
+(``model.path``): ``model_from_config`` picks the way the kind loads.
 """
 
 from __future__ import annotations
@@ -62,6 +62,32 @@ def read_policy_meta(directory: str | Path) -> dict[str, Any]:
     return meta
 
 
+def model_from_config(model: ModelConfig, image_size: int) -> Policy:
+    """The policy a run starts from: loaded from ``model.path`` for kinds that read a foreign
+    directory (a diffusers pipeline), else from the saved ``model.checkpoint``."""
+    kind = model_kind(model.kind)
+    if kind.from_path is not None:
+        return kind.from_path(model, image_size)
+    if not model.checkpoint:
+        raise ValueError("model.checkpoint must name a saved policy directory for RL training")
+    return load_policy(model.checkpoint)
+
+
+def check_model_config(model: ModelConfig, image_size: int) -> None:
+    """Cheap checks of the model's files before anything starts (``ValueError`` naming the
+    field and what is wrong); a kind loading from ``model.path`` checks its directory."""
+    kind = model_kind(model.kind)
+    if kind.from_path is not None:
+        if kind.check_path is not None:
+            kind.check_path(model, image_size)
+        return
+    if not model.checkpoint or not Path(model.checkpoint, CONFIG_NAME).exists():
+        raise ValueError(
+            f"model.checkpoint = {model.checkpoint!r} is not a saved policy; run "
+            "`elborl pretrain` or point it at one"
+        )
+
+
 def load_policy(directory: str | Path) -> Policy:
     """Rebuild a saved policy and load its weights (strictly: every tensor must match)."""
     meta = read_policy_meta(directory)
@@ -69,6 +95,8 @@ def load_policy(directory: str | Path) -> Policy:
         kind = model_kind(str(meta.get("kind")))
     except ValueError as exc:
         raise ValueError(f"{directory}: {exc}") from None
+    if kind.load is None:
+        raise ValueError(f"{directory}: model kind {meta.get('kind')!r} is not saved this way")
     policy = kind.load(Path(directory), meta)
     weights = Path(directory) / WEIGHTS_NAME
     try:

@@ -7,6 +7,8 @@ tiny model; SD3.5-M's at r = 32 is 72 MB in fp32), and the reference policy is t
 
 from __future__ import annotations
 
+import logging
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -15,6 +17,9 @@ import torch
 
 from policy.base import Policy
 from policy.config import LoraConfig
+from policy.models import kind_of, model_kind
+
+log = logging.getLogger(__name__)
 
 
 def add_lora(policy: Policy, cfg: LoraConfig) -> Policy:
@@ -24,10 +29,32 @@ def add_lora(policy: Policy, cfg: LoraConfig) -> Policy:
     denoiser = getattr(policy, "unet", None) or getattr(policy, "transformer", None)
     if denoiser is None or not hasattr(denoiser, "add_adapter"):
         raise ValueError(f"{type(policy).__name__} has no diffusers denoiser to adapt")
-    denoiser.add_adapter(_peft_config(cfg))
+    targets = lora_targets(policy, cfg)
+    try:
+        denoiser.add_adapter(_peft_config(cfg, targets))
+    except ValueError as exc:  # peft: "Target modules ... not found in the base model"
+        raise ValueError(f"model.lora.target_modules = {targets}: {exc}") from None
+    adapted = sum(1 for name, _ in denoiser.named_modules() if name.endswith(".lora_A"))
+    trained = 0
     for name, p in policy.named_parameters():
         p.requires_grad_("lora_" in name)
+        trained += p.numel() if p.requires_grad else 0
+    log.info(
+        "LoRA r=%d alpha=%d on %d modules (targets %s): %.3g M trainable parameters",
+        cfg.rank,
+        cfg.alpha or 2 * cfg.rank,
+        adapted,
+        ", ".join(targets),
+        trained / 1e6,
+    )
     return policy
+
+
+def lora_targets(policy: Policy, cfg: LoraConfig) -> list[str]:
+    """``model.lora.target_modules``, or the model kind's default when it is null."""
+    if cfg.target_modules is not None:
+        return list(cfg.target_modules)
+    return list(model_kind(kind_of(policy)).lora_targets)
 
 
 def trainable_keys(policy: torch.nn.Module) -> list[str]:
@@ -35,14 +62,14 @@ def trainable_keys(policy: torch.nn.Module) -> list[str]:
     return [name for name, p in policy.named_parameters() if p.requires_grad]
 
 
-def _peft_config(cfg: LoraConfig) -> Any:
+def _peft_config(cfg: LoraConfig, targets: list[str]) -> Any:
     """peft's adapter settings for ``cfg`` (gaussian init: B = 0, so it starts as identity)."""
     from peft import LoraConfig as PeftLoraConfig
 
     return PeftLoraConfig(
         r=cfg.rank,
         lora_alpha=cfg.alpha or 2 * cfg.rank,
-        target_modules=list(cfg.target_modules),
+        target_modules=targets,
         init_lora_weights="gaussian",
     )
 
@@ -64,7 +91,9 @@ def add_old_adapter(policy: Policy, cfg: LoraConfig, name: str = "old") -> None:
     """
     denoiser = _denoiser(policy)
     flags = {p: p.requires_grad for p in policy.parameters()}
-    denoiser.add_adapter(_peft_config(cfg), adapter_name=name)
+    with warnings.catch_warnings():  # peft warns of a second adapter: that is the point
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+        denoiser.add_adapter(_peft_config(cfg, lora_targets(policy, cfg)), adapter_name=name)
     denoiser.set_adapter("default")  # add_adapter made the new one active
     params = dict(policy.named_parameters())
     with torch.no_grad():

@@ -34,16 +34,25 @@ class ModelKind:
             ``config.json``).
         save: ``(policy) -> (meta, state)``: what ``config.json`` records besides the kind and
             provenance, and the tensors to write; None if the kind cannot be saved.
+        lora_targets: the default ``model.lora.target_modules`` of the kind.
+        from_path: ``(model config, image size) -> Policy`` for kinds whose weights come from
+            a foreign directory (``model.path``, e.g. a diffusers pipeline), else None.
+        check_path: ``(model config, image size) -> None``, a cheap check of that directory
+            (files only, nothing loaded) that raises ``ValueError`` naming what is missing or
+            wrong; run before any actor starts.
     """
 
     arch_config: type[Section] | None
     build: Callable[[Any, int, list[str]], Policy] | None
-    load: Callable[[Path, dict[str, Any]], Policy]
+    load: Callable[[Path, dict[str, Any]], Policy] | None
     save: Callable[[Policy], tuple[dict[str, Any], dict[str, Any]]] | None = None
+    lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    from_path: Callable[[Any, int], Policy] | None = None
+    check_path: Callable[[Any, int], None] | None = None
 
 
 MODELS: Registry[ModelKind] = Registry("model kind", "model.kind")
-_BUILTIN_KINDS = ("policy.tiny",)
+_BUILTIN_KINDS = ("policy.tiny", "policy.sd3")
 
 
 def model_kinds() -> Registry[ModelKind]:

@@ -14,6 +14,8 @@ own ``scaling_factor`` and ``shift_factor``. Prompt conditionings are cached per
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -25,6 +27,11 @@ import torch
 from torch import Tensor
 
 from policy.base import Policy, PredictionType, images_to_unit, unit_to_images
+from policy.models import MODELS, ModelKind
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 LORA_TARGETS = (
     "attn.to_q",
@@ -188,12 +195,60 @@ def check_sd3_directory(path: str | Path, text_encoders: bool = True) -> Path:
     if text_encoders:
         needed += [p for pair in TEXT_PARTS for p in pair]
     missing = [p for p in needed if not (root / p).exists()]
+    for part in ("transformer", "vae"):
+        if (root / part).is_dir() and not any((root / part).glob("*.safetensors")):
+            missing.append(f"{part}/*.safetensors (the weights)")
+        if (root / part).is_dir() and not (root / part / "config.json").is_file():
+            missing.append(f"{part}/config.json")
     if missing:
         raise ValueError(
             f"model.path = {str(path)!r} is not a complete diffusers SD3 directory: missing "
             f"{', '.join(missing)} (save one with StableDiffusion3Pipeline.save_pretrained)"
         )
+    index = _read_json(root / "model_index.json")
+    if index.get("_class_name") != "StableDiffusion3Pipeline":
+        raise ValueError(
+            f"model.path = {str(path)!r} holds a {index.get('_class_name')!r}, not a "
+            "StableDiffusion3Pipeline: model.kind sd3 is for SD3 and SD3.5"
+        )
     return root
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data: dict[str, Any] = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read {path}: {exc}") from exc
+    return data
+
+
+def _check_config(model: Any, image_size: int) -> None:
+    """``model.path`` is a complete SD3 directory whose VAE and patch size fit ``image_size``."""
+    root = check_sd3_directory(model.path)
+    vae = _read_json(root / "vae" / "config.json")
+    transformer = _read_json(root / "transformer" / "config.json")
+    unit = 2 ** (len(vae.get("block_out_channels", [0])) - 1) * int(
+        transformer.get("patch_size", 1)
+    )
+    if image_size % unit:
+        raise ValueError(
+            f"world.image_size = {image_size} is not a multiple of {unit} (the VAE's downscaling "
+            f"x the transformer's patch size of model.path {model.path!r}); use e.g. "
+            f"{max(unit, image_size // unit * unit)}"
+        )
+
+
+def _from_config(model: Any, image_size: int) -> SD3Policy:
+    policy = load_sd3(
+        model.path,
+        dtype=DTYPES[model.dtype],
+        image_size=image_size,
+        max_sequence_length=model.max_sequence_length,
+    )
+    if model.gradient_checkpointing:
+        transformer: Any = policy.transformer
+        transformer.enable_gradient_checkpointing()
+    return policy
 
 
 def load_sd3(
@@ -208,10 +263,14 @@ def load_sd3(
     ``t5=False`` leaves T5-XXL out (its block of the conditioning is zeros, as diffusers does
     without it; saves ~9.5 GB at some quality cost). The VAE stays in float32.
     """
+    import diffusers
+    import transformers
     from diffusers import StableDiffusion3Pipeline
 
     root = check_sd3_directory(path)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    for library in (diffusers, transformers):  # no loading bars in every actor's log
+        library.utils.logging.disable_progress_bar()
     extra: dict[str, Any] = {}
     if not t5 or not all((root / p).exists() for p in T5_PARTS):
         extra = {"text_encoder_3": None, "tokenizer_3": None}
@@ -226,3 +285,16 @@ def load_sd3(
         factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
         image_size = int(transformer.config.sample_size) * factor
     return SD3Policy(transformer, Frozen(pipe), image_size, max_sequence_length)
+
+
+MODELS.add(
+    "sd3",
+    ModelKind(
+        arch_config=None,
+        build=None,
+        load=None,
+        lora_targets=LORA_TARGETS,
+        from_path=_from_config,
+        check_path=_check_config,
+    ),
+)

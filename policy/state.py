@@ -23,6 +23,14 @@ def checksum(state: StateDict) -> str:
     return f"{crc:08x}"
 
 
+def published_keys(module: torch.nn.Module) -> list[str]:
+    """The state-dict keys a weight publication covers: the LoRA adapters when the module
+    has them (its base weights never change), else every key."""
+    keys = list(module.state_dict())
+    lora = [k for k in keys if "lora_" in k]
+    return lora or keys
+
+
 def to_numpy_state(module: torch.nn.Module, keys: list[str] | None = None) -> StateDict:
     """Weights (all, or only ``keys``) as numpy arrays, read zero-copy by Ray actors."""
     sd = module.state_dict()

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from policy.base import Policy
-from policy.state import StateDict, checksum, load_numpy_state
+from policy.state import StateDict, checksum, load_numpy_state, published_keys, to_numpy_state
 from rollout.config import EvalConfig, SamplingConfig
 from rollout.evaluate import evaluate
 from rollout.generate import generate
@@ -88,10 +88,8 @@ class RolloutEngine:
     def __init__(self, policy: Policy, sampling: SamplingConfig, batch_size: int = 128):
         self.policy = policy.eval().requires_grad_(False)
         self.sampling, self.batch_size = sampling, batch_size
-        self.version, self.checksum = (
-            0,
-            checksum({k: v.numpy() for k, v in self.policy.state_dict().items()}),
-        )
+        self.version = 0
+        self.checksum = checksum(to_numpy_state(self.policy, published_keys(self.policy)))
 
     def load_weights(self, state: StateDict, version: int) -> WeightsLoaded:
         """Load published sampling weights; report the version, checksum and timing."""
@@ -135,13 +133,15 @@ class RolloutEngine:
         self, state: StateDict | None, world: World, prompts: list[str], cfg: EvalConfig, seed: int
     ) -> EvalResult:
         """Held-out evaluation of ``state`` (e.g. the current weights), then restore ours."""
-        backup = {k: v.clone() for k, v in self.policy.state_dict().items()}
+        current = self.policy.state_dict()
+        keys = list(state) if state is not None else []
+        backup = {k: current[k].clone() for k in keys}  # only what the evaluation replaces
         try:
             if state is not None:
                 load_numpy_state(self.policy, state)
             with torch.no_grad():
                 report = evaluate(self.policy, world, prompts, cfg, seed)
         finally:
-            self.policy.load_state_dict(backup)
+            self.policy.load_state_dict(backup, strict=False)
         scores = [r.score for r in report.results]
         return EvalResult(report.summary, report.images, report.prompts, scores)

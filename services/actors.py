@@ -34,13 +34,11 @@ def _threads(num: int) -> None:
     torch.set_num_threads(num)
 
 
-def _load_policy(model: ModelConfig, with_lora: bool) -> Any:
-    from policy.io import load_policy
+def _load_policy(model: ModelConfig, image_size: int, with_lora: bool) -> Any:
+    from policy.io import model_from_config
     from policy.lora import add_lora
 
-    if not model.checkpoint:
-        raise ValueError("model.checkpoint must name a saved policy directory for RL training")
-    policy = load_policy(model.checkpoint)
+    policy = model_from_config(model, image_size)
     return add_lora(policy, model.lora) if with_lora and model.lora.rank > 0 else policy
 
 
@@ -64,7 +62,7 @@ class RolloutWorker(Actor):
         from worlds.base import make_world
 
         _threads(threads)
-        self.engine = RolloutEngine(_load_policy(model, with_lora=True), sampling)
+        self.engine = RolloutEngine(_load_policy(model, world.image_size, with_lora=True), sampling)
         self.world = make_world(world)
 
     def load_weights(self, state: dict[str, np.ndarray], version: int) -> Any:
@@ -127,8 +125,10 @@ class LearnerWorker(Actor):
         cfg: LearnerConfig,
         sampling: SamplingConfig,
         seed: int,
+        image_size: int,
     ) -> bool:
-        """Join the process group and build the DeepSpeed engine (all ranks call this at once)."""
+        """Join the process group and build the DeepSpeed engine (all ranks call this at once);
+        ``image_size`` is the world's (what a real model samples at)."""
         from learner.engine import LearnerEngine
 
         os.environ.update(
@@ -144,7 +144,7 @@ class LearnerWorker(Actor):
         torch.manual_seed(seed)
         engine_class = self.engine_class or LearnerEngine
         self.engine = engine_class(
-            _load_policy(model, with_lora=False), cfg, sampling, seed, lora=model.lora
+            _load_policy(model, image_size, with_lora=False), cfg, sampling, seed, lora=model.lora
         )
         return True
 

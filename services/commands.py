@@ -136,9 +136,32 @@ def run_pretrain(
     return 0
 
 
+def _eval_policy(cfg: RunConfig, args: argparse.Namespace) -> tuple[Any, str]:
+    """The policy ``elborl eval`` samples, and what to call it: ``--checkpoint`` or the config's
+    ``model.checkpoint`` (a saved policy), or a real model's ``model.path``."""
+    from policy.io import check_model_config, load_policy, model_from_config
+    from policy.models import model_kind
+
+    from_path = model_kind(cfg.model.kind).from_path is not None
+    if from_path and args.checkpoint:
+        raise ConfigError(
+            f"--checkpoint is for saved policies; model.kind {cfg.model.kind!r} loads "
+            "model.path (drop --checkpoint, or set --set model.path=DIR)"
+        )
+    try:
+        if from_path:
+            check_model_config(cfg.model, cfg.world.image_size)
+            return model_from_config(cfg.model, cfg.world.image_size), str(cfg.model.path)
+        checkpoint = args.checkpoint or cfg.model.checkpoint
+        if not checkpoint:
+            raise ConfigError("no checkpoint: pass --checkpoint DIR or set model.checkpoint")
+        return load_policy(checkpoint), str(checkpoint)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
 def run_eval(cfg: RunConfig, args: argparse.Namespace) -> int:
     """``elborl eval``: sample held-out prompts, verify, print JSON or a table."""
-    from policy.io import load_policy
     from rollout.evaluate import evaluate
 
     if args.num_images is not None and args.num_images < 1:
@@ -147,19 +170,13 @@ def run_eval(cfg: RunConfig, args: argparse.Namespace) -> int:
         raise ConfigError(f"--max-prompts must be >= 1, got {args.max_prompts}")
     if args.pass_k is not None and args.pass_k < 1:
         raise ConfigError(f"--pass-k must be >= 1, got {args.pass_k}")
-    checkpoint = args.checkpoint or cfg.model.checkpoint
-    if not checkpoint:
-        raise ConfigError("no checkpoint: pass --checkpoint DIR or set model.checkpoint")
     world = make_world(cfg.world)
     prompts = (
         resolve_prompts(world, args.prompts, "--prompts")
         if args.prompts
         else resolve_prompts(world, cfg.world.eval_prompts, "world.eval_prompts")
     )
-    try:
-        policy = load_policy(checkpoint)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from exc
+    policy, checkpoint = _eval_policy(cfg, args)
     _setup_torch()
     eval_cfg = cfg.eval.model_copy(
         update={

@@ -202,7 +202,9 @@ class Controller:
         )
         master = self._learner_get(self.learners[0].rendezvous.remote(), "the rendezvous")
         setup = [
-            lw.setup.remote(master, c.model, c.learner, c.rollout.sampling, c.seed)
+            lw.setup.remote(
+                master, c.model, c.learner, c.rollout.sampling, c.seed, c.world.image_size
+            )
             for lw in self.learners.actors
         ]
         self._learner_get(setup, "the learner set-up")

@@ -121,15 +121,24 @@ def _preflight(cfg: RunConfig) -> tuple[list[str], list[str]]:
     world = make_world(cfg.world)
     prompts = resolve_prompts(world, cfg.world.train_prompts, "world.train_prompts")
     eval_prompts = resolve_prompts(world, cfg.world.eval_prompts, "world.eval_prompts")
-    if not cfg.model.checkpoint or not Path(cfg.model.checkpoint, "config.json").exists():
-        raise ConfigError(
-            f"model.checkpoint = {cfg.model.checkpoint!r} is not a saved policy; run "
-            "`elborl pretrain` or point it at one"
-        )
-    from policy.io import load_policy
+    _check_model(cfg)
+    return prompts, eval_prompts
+
+
+def _check_model(cfg: RunConfig) -> None:
+    """The model's files, before any actor starts: a real model's directory is checked without
+    loading it; a saved tiny policy is loaded (it is small) and its image size compared."""
+    from policy.io import check_model_config, load_policy
+    from policy.models import model_kind
 
     try:
-        policy = load_policy(cfg.model.checkpoint)
+        check_model_config(cfg.model, cfg.world.image_size)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    if model_kind(cfg.model.kind).from_path is not None:
+        return
+    try:
+        policy = load_policy(str(cfg.model.checkpoint))
     except Exception as exc:  # corrupted weights or a config.json from something else
         raise ConfigError(f"model.checkpoint = {cfg.model.checkpoint!r}: {exc}") from exc
     if policy.image_size != cfg.world.image_size:
@@ -138,7 +147,6 @@ def _preflight(cfg: RunConfig) -> tuple[list[str], list[str]]:
             f"{policy.image_size}px images but world.image_size = {cfg.world.image_size}; use "
             "the checkpoint's size or a checkpoint made for this config"
         )
-    return prompts, eval_prompts
 
 
 def in_ray_job_working_dir() -> bool:

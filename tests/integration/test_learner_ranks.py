@@ -57,6 +57,7 @@ def _update(world: int, zero_stage: int, keep: np.ndarray) -> dict[str, np.ndarr
                 cfg,
                 SamplingConfig(num_steps=4),
                 0,
+                32,
             )
             for lw in learners
         ],

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import copy
+import json
+import logging
+import shutil
 from pathlib import Path
 
 import pytest
@@ -11,7 +14,8 @@ import torch
 from algo.elbo import flow_elbo, flow_noise_draw
 from algo.samplers import flow_timesteps, sample
 from policy.base import guided_fn
-from policy.config import LoraConfig
+from policy.config import LoraConfig, ModelConfig
+from policy.io import check_model_config, model_from_config
 from policy.lora import add_lora
 from policy.sd3 import LORA_TARGETS, SD3Policy, load_sd3
 from tests.fixtures.tiny_models import save_tiny_sd3
@@ -132,3 +136,31 @@ def test_lora_on_the_papers_targets_gets_gradients_through_the_elbo(sd3_dir: Pat
     out.elbo.sum().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in lora.values())
     assert isinstance(policy, SD3Policy)
+
+
+def test_the_sd3_kind_loads_model_path_with_the_papers_lora_targets(
+    sd3_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    model = ModelConfig(kind="sd3", path=str(sd3_dir), lora=LoraConfig(rank=4))
+    check_model_config(model, 32)
+    policy = model_from_config(model, 32)
+    assert isinstance(policy, SD3Policy) and policy.image_size == 32
+    with caplog.at_level(logging.INFO, logger="policy.lora"):
+        add_lora(policy, model.lora)  # target_modules null: the kind's default, the paper's 8
+    blocks = len(policy.transformer.transformer_blocks)
+    assert f"LoRA r=4 alpha=8 on {8 * blocks - 1} modules" in caplog.text
+
+
+def test_the_directory_check_names_a_wrong_pipeline_and_a_misfit_image_size(
+    tmp_path: Path, sd3_dir: Path
+) -> None:
+    root = Path(shutil.copytree(sd3_dir, tmp_path / "m"))
+    model = ModelConfig(kind="sd3", path=str(root))
+    config = root / "transformer" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "patch_size": 2}))
+    with pytest.raises(ValueError, match=r"world.image_size = 33 is not a multiple of 2"):
+        check_model_config(model, 33)
+    index = root / "model_index.json"
+    index.write_text(json.dumps({**json.loads(index.read_text()), "_class_name": "FluxPipeline"}))
+    with pytest.raises(ValueError, match="holds a 'FluxPipeline', not a StableDiffusion3"):
+        check_model_config(model, 32)

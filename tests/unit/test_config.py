@@ -107,3 +107,25 @@ def test_config_is_frozen_and_round_trips() -> None:
         cfg.seed = 3  # type: ignore[misc]
     again = RunConfig.model_validate(yaml.safe_load(C.config_to_yaml(cfg)))
     assert again == cfg
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        (["model.kind=sd3"], "needs model.path"),
+        (["model.kind=sd3", "model.path=/m", "model.checkpoint=ckpt"], "model.checkpoint must"),
+        (["model.path=/m"], "loads from model.checkpoint, not model.path"),
+        (["model.dtype=bfloat16"], "float32 only"),
+    ],
+)
+def test_model_weights_come_from_where_the_kind_reads_them(
+    overrides: list[str], needle: str
+) -> None:
+    with pytest.raises(ConfigError, match=needle):
+        load_config(None, overrides)
+
+
+def test_a_real_model_kind_drops_the_tiny_checkpoint_default() -> None:
+    cfg = load_config(None, ["model.kind=sd3", "model.path=/models/sd35m"])
+    assert cfg.model.checkpoint is None and cfg.model.path == "/models/sd35m"
+    assert cfg.model.lora.target_modules is None  # the kind's default targets
