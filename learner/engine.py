@@ -58,6 +58,7 @@ __all__ = [
     "PublishedWeights",
     "TrainBatch",
     "deepspeed_config",
+    "read_trained_weights",
 ]
 
 
@@ -377,3 +378,24 @@ class LearnerEngine:
             self.copies.load(
                 extra["old"], lagged[0][1] if lagged else None, lagged[0][0] if lagged else None
             )
+
+
+def read_trained_weights(directory: Path) -> dict[str, Tensor]:
+    """The current (trained) policy's parameters from a learner checkpoint that
+    ``LearnerEngine.save`` wrote into ``directory``: every trained tensor (for a LoRA run the
+    adapters alone), gathered from the ranks' partitions under ZeRO-3."""
+    root = directory / "deepspeed"
+    states = root / "state" / "mp_rank_00_model_states.pt"
+    if not states.is_file():
+        raise ValueError(f"{directory} holds no learner checkpoint ({states} is missing)")
+    # DeepSpeed's own file, written by this run: it pickles its config alongside the tensors.
+    data = torch.load(states, map_location="cpu", weights_only=False)
+    if int(data["ds_config"]["zero_optimization"]["stage"]) == 3:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        full: dict[str, Tensor] = get_fp32_state_dict_from_zero_checkpoint(
+            str(root), tag="state", exclude_frozen_parameters=True
+        )
+        return full
+    buffers = set(data.get("buffer_names") or [])
+    return {k: v for k, v in data["module"].items() if k not in buffers}

@@ -57,6 +57,19 @@ def lora_targets(policy: Policy, cfg: LoraConfig) -> list[str]:
     return list(model_kind(kind_of(policy)).lora_targets)
 
 
+def has_lora(policy: torch.nn.Module) -> bool:
+    return any("lora_" in name for name, _ in policy.named_parameters())
+
+
+def merge_lora(policy: Policy) -> Policy:
+    """Fold the active adapters into the denoiser's weights and remove them (in place): the
+    policy then computes what it did with adapters, as a plain model."""
+    denoiser = _denoiser(policy)
+    denoiser.fuse_lora()
+    denoiser.unload_lora()
+    return policy
+
+
 def trainable_keys(policy: torch.nn.Module) -> list[str]:
     """State-dict keys of the trainable parameters (all of them without LoRA)."""
     return [name for name, p in policy.named_parameters() if p.requires_grad]

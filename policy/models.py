@@ -40,6 +40,9 @@ class ModelKind:
         check_path: ``(model config, image size) -> None``, a cheap check of that directory
             (files only, nothing loaded) that raises ``ValueError`` naming what is missing or
             wrong; run before any actor starts.
+        export: ``(policy, directory, merged, provenance) -> [files]``: write a trained
+            policy where the family's own tools load it (``elborl export``), LoRA adapters
+            merged into the weights when ``merged``; None if the kind cannot export.
     """
 
     arch_config: type[Section] | None
@@ -49,6 +52,7 @@ class ModelKind:
     lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
     from_path: Callable[[Any, int], Policy] | None = None
     check_path: Callable[[Any, int], None] | None = None
+    export: Callable[[Policy, Path, bool, dict[str, Any]], list[str]] | None = None
 
 
 MODELS: Registry[ModelKind] = Registry("model kind", "model.kind")

@@ -287,6 +287,30 @@ def load_sd3(
     return SD3Policy(transformer, Frozen(pipe), image_size, max_sequence_length)
 
 
+def _export(policy: Policy, directory: Path, merged: bool, provenance: dict[str, Any]) -> list[str]:
+    """The trained transformer where diffusers loads it: the LoRA adapter in diffusers' LoRA
+    format (``pipe.load_lora_weights(directory)``), or with ``merged`` (or for a fully
+    fine-tuned model) the whole transformer (``transformer/``, ``save_pretrained``)."""
+    from diffusers import StableDiffusion3Pipeline
+    from peft.utils import get_peft_model_state_dict
+
+    from policy.lora import has_lora, merge_lora
+
+    assert isinstance(policy, SD3Policy)
+    transformer: Any = policy.transformer
+    if has_lora(policy) and not merged:
+        StableDiffusion3Pipeline.save_lora_weights(
+            directory,
+            transformer_lora_layers=get_peft_model_state_dict(transformer),
+            transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict(),
+        )
+        return ["pytorch_lora_weights.safetensors"]
+    if has_lora(policy):
+        merge_lora(policy)
+    transformer.save_pretrained(directory / "transformer")
+    return ["transformer/"]
+
+
 MODELS.add(
     "sd3",
     ModelKind(
@@ -296,5 +320,6 @@ MODELS.add(
         lora_targets=LORA_TARGETS,
         from_path=_from_config,
         check_path=_check_config,
+        export=_export,
     ),
 )

@@ -235,4 +235,19 @@ def _save(policy: Policy) -> tuple[dict[str, Any], dict[str, Any]]:
     return meta, policy.state_dict()
 
 
-MODELS.add("tiny", ModelKind(arch_config=TinyArchConfig, build=_build, load=_load, save=_save))
+def _export(policy: Policy, directory: Path, merged: bool, provenance: dict[str, Any]) -> list[str]:
+    """A saved policy (``config.json`` + ``model.safetensors``, usable as model.checkpoint);
+    adapters are always merged (a tiny policy's directory holds one set of weights)."""
+    from policy.io import save_policy
+    from policy.lora import has_lora, merge_lora
+
+    if has_lora(policy):
+        merge_lora(policy)
+    save_policy(policy, directory, provenance)
+    return ["config.json", "model.safetensors"]
+
+
+MODELS.add(
+    "tiny",
+    ModelKind(arch_config=TinyArchConfig, build=_build, load=_load, save=_save, export=_export),
+)

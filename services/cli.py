@@ -106,6 +106,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_cmd_train)
 
+    p = sub.add_parser(
+        "export",
+        help="write a run's trained policy where its family's tools load it",
+        description="Export the trained policy of a run's checkpoint (the latest complete one, "
+        "or --round N): a `tiny` policy as a saved policy directory (usable as "
+        "model.checkpoint); an `sd3` LoRA in diffusers' LoRA format "
+        "(pipe.load_lora_weights(OUT)), or with --merged the merged transformer "
+        "(save_pretrained). A model card (README.md) records the base, config and metrics.",
+    )
+    p.add_argument("run", metavar="RUN_DIR", help="the run directory (runs/<name>)")
+    p.add_argument("--out", required=True, metavar="DIR", help="directory to write (new or empty)")
+    p.add_argument("--round", type=int, metavar="N", help="the checkpoint of round N")
+    p.add_argument("--merged", action="store_true", help="merge LoRA into the weights")
+    _add_config_args(p, default=None)
+    p.set_defaults(func=_cmd_export)
+
     p = sub.add_parser("config", help="validate a configuration and print it fully resolved")
     _add_config_args(p)
     p.set_defaults(func=_cmd_config)
@@ -186,6 +202,17 @@ def _cmd_status(args: argparse.Namespace, cfg: RunConfig) -> int:
 
     url = args.url or f"http://{cfg.service.host}:{cfg.service.port}"
     return print_status(url.rstrip("/"), load_token(cfg.service), args.run, args.json)
+
+
+def _cmd_export(args: argparse.Namespace, cfg: RunConfig) -> int:
+    from services.export import run_export
+
+    run = Path(args.run)
+    if not (run / "config.yaml").is_file():
+        raise ConfigError(f"{run} is not a run directory (no config.yaml)")
+    # The run's own configuration (plus --set), unless --config names another one.
+    cfg = load_config(args.config or run / "config.yaml", args.overrides)
+    return run_export(cfg, run, Path(args.out), args.round, args.merged)
 
 
 def _cmd_train(args: argparse.Namespace, cfg: RunConfig) -> int:

@@ -6,16 +6,22 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
+from tests.conftest import REPO
 from tests.e2e.helpers import metrics, run_train, tiny_config
 from tests.fixtures.tiny_models import save_tiny_sd3
 
 pytestmark = pytest.mark.e2e
+
+PROMPTS = ["a red circle", "two blue squares"]
 
 
 def _sd3_config(tmp: Path, model_dir: Path, rounds: int, **extra: dict[str, Any]) -> Path:
@@ -26,18 +32,33 @@ def _sd3_config(tmp: Path, model_dir: Path, rounds: int, **extra: dict[str, Any]
         # A reward that varies on a random model (the shapes verifier would give all zeros).
         rewards={"functions": [{"name": "jpeg_compressibility"}]},
         rollout={"prompts_per_round": 2},
+        learner={"lr": 3e-3},  # so that the adapters move visibly in 3 steps (export test)
         eval={"max_prompts": 4},
         train={"rounds": rounds, "eval_every": 2, "checkpoint_every": 1, "sample_grid_every": 2},
         **extra,
     )
 
 
-def test_two_rounds_of_lora_on_a_tiny_sd35_then_resume(tmp_path: Path) -> None:
-    model_dir = save_tiny_sd3(tmp_path / "tiny-sd35", variant="sd35")
-    out = run_train(["--config", str(_sd3_config(tmp_path, model_dir, rounds=2))], timeout=600)
-    assert out.returncode == 0, out.stderr[-4000:]
-    run = tmp_path / "runs" / "t"
-    rounds = metrics(run)
+@pytest.fixture(scope="module")
+def sd35_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path]]:
+    """Two rounds of LoRA on a tiny SD3.5, then a resumed third: (run dir, model dir); the
+    two commands' outputs are checked by the first test."""
+    tmp = tmp_path_factory.mktemp("sd35")
+    model_dir = save_tiny_sd3(tmp / "tiny-sd35", variant="sd35")
+    first = run_train(["--config", str(_sd3_config(tmp, model_dir, rounds=2))], timeout=600)
+    assert first.returncode == 0, first.stderr[-4000:]
+    run = tmp / "runs" / "t"
+    (tmp / "first_round_metrics.json").write_text(json.dumps(metrics(run)))
+    resumed = run_train(
+        ["--config", str(_sd3_config(tmp, model_dir, rounds=3)), "--resume"], timeout=600
+    )
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    yield run, model_dir
+
+
+def test_two_rounds_of_lora_on_a_tiny_sd35_then_resume(sd35_run: tuple[Path, Path]) -> None:
+    run, _ = sd35_run
+    rounds = json.loads((run.parent.parent / "first_round_metrics.json").read_text())
     assert [r["round"] for r in rounds] == [1, 2]
     for i, r in enumerate(rounds, start=1):
         assert r["rollout/images"] == 8 and r["perf/samples_trained_total"] == 8 * i
@@ -47,7 +68,6 @@ def test_two_rounds_of_lora_on_a_tiny_sd35_then_resume(tmp_path: Path) -> None:
         assert math.isfinite(r["learner/loss"]) and math.isfinite(r["learner/improvement"])
     ckpt = run / "checkpoints" / "round_00002"
     assert (ckpt / "COMPLETE").exists()
-    # LoRA-only run checkpoints: the frozen base transformer is not written again.
     # LoRA-only run checkpoints: of the transformer's parameters only the adapters are
     # written (DeepSpeed keeps the module's buffers), and the old policy likewise.
     extra = torch.load(ckpt / "learner" / "learner_extra.pt", weights_only=True)
@@ -56,16 +76,11 @@ def test_two_rounds_of_lora_on_a_tiny_sd35_then_resume(tmp_path: Path) -> None:
     saved = torch.load(states, weights_only=False)
     params = [k for k in saved["module"] if k not in set(saved["buffer_names"])]
     assert params and all("lora_" in k for k in params)
-
-    resumed = run_train(
-        ["--config", str(_sd3_config(tmp_path, model_dir, rounds=3)), "--resume"], timeout=600
-    )
-    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    # The resumed run continued from round 2's checkpoint.
     rounds = metrics(run)
     assert [r["round"] for r in rounds] == [1, 2, 3]
     assert rounds[-1]["weights/version"] == 3 and rounds[-1]["rollout/version"] == 2
-    status = json.loads((run / "status.json").read_text())
-    assert status["state"] == "finished"
+    assert json.loads((run / "status.json").read_text())["state"] == "finished"
 
 
 def test_an_incomplete_model_directory_fails_before_any_actor_starts(tmp_path: Path) -> None:
@@ -77,3 +92,69 @@ def test_an_incomplete_model_directory_fails_before_any_actor_starts(tmp_path: P
     assert "vae/*.safetensors" in out.stderr and "model.path" in out.stderr
     assert "Started a local Ray instance" not in out.stderr
     assert not (tmp_path / "runs" / "t").exists()
+
+
+def _export(run: Path, out: Path, *extra: str) -> None:
+    cmd = [sys.executable, "-m", "services.cli", "export", str(run), "--out", str(out), *extra]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def _trained_policy(run: Path, model_dir: Path) -> Any:
+    from learner.engine import read_trained_weights
+    from policy.config import LoraConfig, ModelConfig
+    from policy.io import model_from_config
+    from policy.lora import add_lora
+
+    model = ModelConfig(kind="sd3", path=str(model_dir), lora=LoraConfig(rank=4))
+    policy = add_lora(model_from_config(model, 32), model.lora)
+    ckpt = sorted((run / "checkpoints").glob("round_*"))[-1]
+    policy.load_state_dict(read_trained_weights(ckpt / "learner"), strict=False)
+    return policy.eval()
+
+
+def _latents(pipe: Any, noise: torch.Tensor) -> torch.Tensor:
+    out: torch.Tensor = pipe(
+        PROMPTS,
+        latents=noise.clone(),
+        sigmas=torch.linspace(1.0, 0.0, 5)[:-1].tolist(),
+        num_inference_steps=4,
+        guidance_scale=1.0,
+        max_sequence_length=128,
+        output_type="latent",
+    ).images
+    return out
+
+
+def test_the_exported_lora_reproduces_the_trained_policy_in_diffusers(
+    tmp_path: Path, sd35_run: tuple[Path, Path]
+) -> None:
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    from algo.samplers import sample
+
+    run, model_dir = sd35_run
+    _export(run, tmp_path / "lora")
+    assert (tmp_path / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    card = (tmp_path / "lora" / "README.md").read_text()
+    assert "load_lora_weights" in card and "round 3" in card
+    policy = _trained_policy(run, model_dir)
+    noise = torch.randn((2, *policy.sample_shape), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        cond = policy.encode_prompts(PROMPTS)
+        fn = lambda x, t: policy(x, t, cond)  # noqa: E731
+        ours = sample(fn, noise, sampler="euler", num_steps=4, shift=3.0).x0
+    pipe = StableDiffusion3Pipeline.from_pretrained(model_dir, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    base = _latents(pipe, noise)
+    pipe.load_lora_weights(tmp_path / "lora")
+    assert (_latents(pipe, noise) - ours).abs().max().item() <= 1e-5
+    assert (base - ours).abs().max().item() > 1e-4  # the adapters changed the output
+
+    _export(run, tmp_path / "merged", "--merged")
+    merged = SD3Transformer2DModel.from_pretrained(tmp_path / "merged" / "transformer")
+    pipe = StableDiffusion3Pipeline.from_pretrained(
+        model_dir, transformer=merged, local_files_only=True
+    )
+    pipe.set_progress_bar_config(disable=True)
+    assert (_latents(pipe, noise) - ours).abs().max().item() <= 1e-5

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -140,3 +141,24 @@ def test_the_main_job_script_runs_the_shipped_config(tmp_path: Path) -> None:
     assert [r["round"] for r in records] == [0, 1]  # the base model, then one round
     assert all(0.0 <= r["eval/overall"] <= 1.0 for r in records)
     assert (run / "checkpoints" / "round_00001" / "COMPLETE").exists()
+
+
+def test_export_writes_the_trained_policy_as_a_saved_policy(
+    tmp_path: Path, straight_run: Path
+) -> None:
+    import torch
+
+    from learner.engine import read_trained_weights
+    from policy.io import load_policy
+
+    out = tmp_path / "exported"
+    cmd = [sys.executable, "-m", "services.cli", "export", str(straight_run), "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    policy = load_policy(out)  # usable as model.checkpoint
+    trained = read_trained_weights(straight_run / "checkpoints" / "round_00004" / "learner")
+    state = policy.state_dict()
+    assert trained and all(torch.equal(state[k], v) for k, v in trained.items())
+    assert "round 4" in (out / "README.md").read_text()
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert again.returncode == 2 and "not empty" in again.stderr
