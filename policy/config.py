@@ -29,13 +29,14 @@ class ModelConfig(Section):
     kind: str = Field(
         "tiny",
         description="Model family, a registered kind (`policy/models.py`): `tiny` is the "
-        "built-in pixel-space flow model; SD3/FLUX/SD1.5 adapters loaded from a local "
-        "directory come later behind the same interface.",
+        "built-in pixel-space flow model (weights from model.checkpoint); `sd3` is SD3/SD3.5 "
+        "from the local diffusers directory model.path.",
     )
     checkpoint: str | None = Field(
         "checkpoints/shapes-base",
-        description="Directory of a saved model (config.json + model.safetensors); null builds "
-        "a randomly initialised model from `arch`.",
+        description="Directory of a saved model (config.json + model.safetensors) for kinds "
+        "saved by elborl (`tiny`); null builds a randomly initialised model from `arch` "
+        "(pretraining) and is implied for kinds that load model.path.",
     )
     arch: dict[str, Any] = Field(
         default_factory=dict,
