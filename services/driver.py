@@ -32,6 +32,7 @@ from services.cluster import check_cluster, ray_session
 from services.config import RUNS_DIR_ENV, ConfigError, RunConfig
 from services.controller import Controller, RoleClasses
 from services.errors import ClusterLost, LearnerLost, RunStopped
+from services.manifest import write_manifest
 from services.prompts import resolve_prompts
 from services.run import RunDir, verify_checkpoint
 from services.status import update_status
@@ -82,6 +83,8 @@ def train(
         try:
             with ray_session(address) as local, _signals(ctl, run, hint, local):
                 try:  # (signal handlers go in after ray.init: it sets its own)
+                    cluster = {"resources": ray.cluster_resources(), "local": local}
+                    write_manifest(run.path, cfg, resume, cluster)
                     ctl.start(resume)
                     stopped = ctl.run()
                 except (RunStopped, LearnerLost) as exc:

@@ -81,6 +81,11 @@ def test_two_rounds_of_lora_on_a_tiny_sd35_then_resume(sd35_run: tuple[Path, Pat
     assert [r["round"] for r in rounds] == [1, 2, 3]
     assert rounds[-1]["weights/version"] == 3 and rounds[-1]["rollout/version"] == 2
     assert json.loads((run / "status.json").read_text())["state"] == "finished"
+    # The manifest has both starts, with the model directory's files hashed.
+    starts = json.loads((run / "manifest.json").read_text())["starts"]
+    assert [s["resume"] for s in starts] == [False, True]
+    assert "transformer/config.json" in starts[0]["model"]["files"]
+    assert starts[0]["packages"]["diffusers"] and starts[0]["config_sha256"]
 
 
 def test_an_incomplete_model_directory_fails_before_any_actor_starts(tmp_path: Path) -> None:
