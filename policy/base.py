@@ -56,6 +56,17 @@ class Policy(nn.Module, ABC):
         """Encode RGB images uint8 (B, H, W, 3) into model space (for supervised pretraining)."""
         raise NotImplementedError(f"{type(self).__name__} cannot encode images")
 
+    def conditions(self, prompts: Sequence[str]) -> dict[str, Any] | None:
+        """The cached conditionings of ``prompts`` (one entry per unique prompt, on the CPU)
+        for kinds whose text encoders are frozen, so that they can travel with the samples
+        and a learner never runs (or loads) the encoders; None for kinds that train their
+        text encoder (``tiny``), whose conditionings change with the weights."""
+        return None
+
+    def add_conditions(self, conditions: dict[str, Any]) -> None:
+        """Put conditionings made by ``conditions`` (on another worker) into the cache."""
+        raise TypeError(f"{type(self).__name__} does not take shipped conditionings")
+
     def select(self, cond: Cond, index: Tensor) -> Cond:
         """Rows ``index`` of a conditioning batch (tensor or dict of tensors)."""
         if isinstance(cond, dict):

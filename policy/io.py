@@ -62,12 +62,13 @@ def read_policy_meta(directory: str | Path) -> dict[str, Any]:
     return meta
 
 
-def model_from_config(model: ModelConfig, image_size: int) -> Policy:
+def model_from_config(model: ModelConfig, image_size: int, text_encoders: bool = True) -> Policy:
     """The policy a run starts from: loaded from ``model.path`` for kinds that read a foreign
-    directory (a diffusers pipeline), else from the saved ``model.checkpoint``."""
+    directory (a diffusers pipeline; without its frozen text encoders if ``text_encoders`` is
+    False), else from the saved ``model.checkpoint``."""
     kind = model_kind(model.kind)
     if kind.from_path is not None:
-        return kind.from_path(model, image_size)
+        return kind.from_path(model, image_size, text_encoders)
     if not model.checkpoint:
         raise ValueError("model.checkpoint must name a saved policy directory for RL training")
     return load_policy(model.checkpoint)

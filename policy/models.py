@@ -35,8 +35,10 @@ class ModelKind:
         save: ``(policy) -> (meta, state)``: what ``config.json`` records besides the kind and
             provenance, and the tensors to write; None if the kind cannot be saved.
         lora_targets: the default ``model.lora.target_modules`` of the kind.
-        from_path: ``(model config, image size) -> Policy`` for kinds whose weights come from
-            a foreign directory (``model.path``, e.g. a diffusers pipeline), else None.
+        from_path: ``(model config, image size, text_encoders) -> Policy`` for kinds whose
+            weights come from a foreign directory (``model.path``, e.g. a diffusers
+            pipeline), else None; ``text_encoders=False`` leaves frozen text encoders out (a
+            learner rank, whose conditionings come with the samples).
         check_path: ``(model config, image size) -> None``, a cheap check of that directory
             (files only, nothing loaded) that raises ``ValueError`` naming what is missing or
             wrong; run before any actor starts.
@@ -50,7 +52,7 @@ class ModelKind:
     load: Callable[[Path, dict[str, Any]], Policy] | None
     save: Callable[[Policy], tuple[dict[str, Any], dict[str, Any]]] | None = None
     lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
-    from_path: Callable[[Any, int], Policy] | None = None
+    from_path: Callable[[Any, int, bool], Policy] | None = None
     check_path: Callable[[Any, int], None] | None = None
     export: Callable[[Policy, Path, bool, dict[str, Any]], list[str]] | None = None
 

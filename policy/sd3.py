@@ -64,6 +64,10 @@ class Frozen:
             if module is not None:
                 module.requires_grad_(False).eval()
 
+    @property
+    def has_text_encoders(self) -> bool:
+        return self.pipe.text_encoder is not None
+
     def __deepcopy__(self, memo: dict[int, Any]) -> Frozen:
         return self
 
@@ -84,7 +88,7 @@ class SD3Policy(Policy):
         frozen: Frozen,
         image_size: int,
         max_sequence_length: int = 128,
-        cache_size: int = 4096,
+        cache_size: int = 1024,
     ):
         super().__init__()
         self.transformer = transformer
@@ -129,8 +133,27 @@ class SD3Policy(Policy):
         self._evict()
         return {"prompt_embeds": embeds, "pooled": pooled}
 
+    def conditions(self, prompts: Sequence[str]) -> dict[str, Any]:
+        """``{prompt: (prompt_embeds, pooled)}`` of the unique ``prompts`` and the empty
+        prompt (for guidance), in the transformer's dtype on the CPU (SD3.5-M at
+        max_sequence_length 128: 2.7 MB per prompt in bf16)."""
+        self.encode_prompts(list(dict.fromkeys([*prompts, ""])))  # fills the cache
+        return {p: self._cache[p] for p in dict.fromkeys([*prompts, ""])}
+
+    def add_conditions(self, conditions: dict[str, Any]) -> None:
+        for prompt, (embeds, pooled) in conditions.items():
+            self._cache[prompt] = (embeds, pooled)
+            self._cache.move_to_end(prompt)
+        self._evict()
+
     @torch.no_grad()
     def _encode_into_cache(self, prompts: list[str]) -> None:
+        if not self.frozen.has_text_encoders:
+            raise RuntimeError(
+                f"no conditioning for {len(prompts)} prompt(s) (e.g. {prompts[0]!r}) and no text "
+                "encoders loaded: a learner gets its prompts' conditionings with the samples "
+                "(RolloutSamples.conditions)"
+            )
         embeds, _, pooled, _ = self.frozen.pipe.encode_prompt(
             prompt=prompts,
             prompt_2=None,
@@ -238,12 +261,13 @@ def _check_config(model: Any, image_size: int) -> None:
         )
 
 
-def _from_config(model: Any, image_size: int) -> SD3Policy:
+def _from_config(model: Any, image_size: int, text_encoders: bool = True) -> SD3Policy:
     policy = load_sd3(
         model.path,
         dtype=DTYPES[model.dtype],
         image_size=image_size,
         max_sequence_length=model.max_sequence_length,
+        text_encoders=text_encoders,
     )
     if model.gradient_checkpointing:
         transformer: Any = policy.transformer
@@ -257,11 +281,13 @@ def load_sd3(
     image_size: int | None = None,
     max_sequence_length: int = 128,
     t5: bool = True,
+    text_encoders: bool = True,
 ) -> SD3Policy:
     """Load an SD3/SD3.5 pipeline from a local directory (never a hub) as an ``SD3Policy``.
 
     ``t5=False`` leaves T5-XXL out (its block of the conditioning is zeros, as diffusers does
-    without it; saves ~9.5 GB at some quality cost). The VAE stays in float32.
+    without it; saves ~9.5 GB at some quality cost). ``text_encoders=False`` loads none of
+    them (a learner rank: conditionings come with the samples). The VAE stays in float32.
     """
     import diffusers
     import transformers
@@ -272,8 +298,11 @@ def load_sd3(
     for library in (diffusers, transformers):  # no loading bars in every actor's log
         library.utils.logging.disable_progress_bar()
     extra: dict[str, Any] = {}
-    if not t5 or not all((root / p).exists() for p in T5_PARTS):
+    if not t5 or not text_encoders or not all((root / p).exists() for p in T5_PARTS):
         extra = {"text_encoder_3": None, "tokenizer_3": None}
+    if not text_encoders:
+        for part in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"):
+            extra[part] = None
     pipe = StableDiffusion3Pipeline.from_pretrained(
         root, local_files_only=True, dtype=dtype, **extra
     )

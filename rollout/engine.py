@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,7 +41,9 @@ class RolloutImages:
 class RolloutSamples:
     """What the learner needs: model-space samples and, for SDE rollouts, the trajectory.
 
-    ``x0`` (B, *sample_shape); ``trajectory`` (B, S+1, *sample_shape); ``log_probs`` (B, S).
+    ``x0`` (B, *sample_shape); ``trajectory`` (B, S+1, *sample_shape); ``log_probs`` (B, S);
+    ``conditions``: the conditioning of each unique prompt (and the empty one) for kinds with
+    frozen text encoders (``Policy.conditions``), so the learner never runs them.
     """
 
     sample_ids: np.ndarray
@@ -51,6 +54,7 @@ class RolloutSamples:
     seconds: float
     trajectory: Tensor | None = None
     log_probs: Tensor | None = None
+    conditions: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -126,6 +130,7 @@ class RolloutEngine:
             seconds,
             out.trajectory,
             out.log_probs,
+            self.policy.conditions(list(prompts)),
         )
         return images, samples
 

@@ -34,11 +34,13 @@ def _threads(num: int) -> None:
     torch.set_num_threads(num)
 
 
-def _load_policy(model: ModelConfig, image_size: int, with_lora: bool) -> Any:
+def _load_policy(
+    model: ModelConfig, image_size: int, with_lora: bool, text_encoders: bool = True
+) -> Any:
     from policy.io import model_from_config
     from policy.lora import add_lora
 
-    policy = model_from_config(model, image_size)
+    policy = model_from_config(model, image_size, text_encoders)
     return add_lora(policy, model.lora) if with_lora and model.lora.rank > 0 else policy
 
 
@@ -144,7 +146,12 @@ class LearnerWorker(Actor):
         torch.manual_seed(seed)
         engine_class = self.engine_class or LearnerEngine
         self.engine = engine_class(
-            _load_policy(model, image_size, with_lora=False), cfg, sampling, seed, lora=model.lora
+            # No text encoders on a learner rank: conditionings come with the samples.
+            _load_policy(model, image_size, with_lora=False, text_encoders=False),
+            cfg,
+            sampling,
+            seed,
+            lora=model.lora,
         )
         return True
 
@@ -165,6 +172,9 @@ class LearnerWorker(Actor):
         from learner.batch import TrainBatch
 
         chunks = ray.get(sample_refs)
+        for c in chunks:
+            if c.conditions is not None:
+                self.engine.policy.add_conditions(c.conditions)
         traj = [c.trajectory for c in chunks]
         logp = [c.log_probs for c in chunks]
         batch = TrainBatch(

@@ -1,6 +1,8 @@
 """``elborl train`` on a real model family: a tiny random SD3.5 pipeline saved in the
 diffusers format, loaded from ``model.path``, trained with LoRA through real Ray actors and
-DeepSpeed, checkpointed and resumed."""
+DeepSpeed, checkpointed, resumed and exported. The learner rank loads no text encoders
+(``text_encoders=False``): it trains on the conditionings the rollouts ship with the samples,
+and would stop with "no text encoders loaded" on any prompt they did not."""
 
 from __future__ import annotations
 

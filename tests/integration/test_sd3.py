@@ -164,3 +164,16 @@ def test_the_directory_check_names_a_wrong_pipeline_and_a_misfit_image_size(
     index.write_text(json.dumps({**json.loads(index.read_text()), "_class_name": "FluxPipeline"}))
     with pytest.raises(ValueError, match="holds a 'FluxPipeline', not a StableDiffusion3"):
         check_model_config(model, 32)
+
+
+def test_a_policy_without_text_encoders_runs_on_shipped_conditionings(sd3_dir: Path) -> None:
+    full = load_sd3(sd3_dir)
+    bare = load_sd3(sd3_dir, text_encoders=False)  # what a learner rank loads
+    assert bare.frozen.pipe.text_encoder is None and bare.frozen.pipe.text_encoder_3 is None
+    with pytest.raises(RuntimeError, match="no text encoders loaded"):
+        bare.encode_prompts(PROMPTS)
+    shipped = full.conditions([*PROMPTS, PROMPTS[0]])
+    assert list(shipped) == [*PROMPTS, ""]  # unique prompts, and the empty one for guidance
+    bare.add_conditions(shipped)
+    for key, value in full.encode_prompts(PROMPTS).items():
+        assert torch.equal(bare.encode_prompts(PROMPTS)[key], value)
