@@ -35,6 +35,7 @@ def add_lora(policy: Policy, cfg: LoraConfig) -> Policy:
     except ValueError as exc:  # peft: "Target modules ... not found in the base model"
         raise ValueError(f"model.lora.target_modules = {targets}: {exc}") from None
     adapted = sum(1 for name, _ in denoiser.named_modules() if name.endswith(".lora_A"))
+    _adapters_in_float32(denoiser)
     trained = 0
     for name, p in policy.named_parameters():
         p.requires_grad_("lora_" in name)
@@ -48,6 +49,15 @@ def add_lora(policy: Policy, cfg: LoraConfig) -> Policy:
         trained / 1e6,
     )
     return policy
+
+
+def _adapters_in_float32(denoiser: torch.nn.Module) -> None:
+    """Adapter weights in float32 whatever the base's dtype (peft casts each LoRA layer's
+    input to its weights' dtype and the result back): bf16 adapters would lose the small
+    updates RL makes, and could not be published as numpy arrays."""
+    for name, p in denoiser.named_parameters():
+        if "lora_" in name and p.dtype != torch.float32:
+            p.data = p.data.float()
 
 
 def lora_targets(policy: Policy, cfg: LoraConfig) -> list[str]:
@@ -108,6 +118,7 @@ def add_old_adapter(policy: Policy, cfg: LoraConfig, name: str = "old") -> None:
         warnings.filterwarnings("ignore", message="Already found a `peft_config`")
         denoiser.add_adapter(_peft_config(cfg, lora_targets(policy, cfg)), adapter_name=name)
     denoiser.set_adapter("default")  # add_adapter made the new one active
+    _adapters_in_float32(denoiser)
     params = dict(policy.named_parameters())
     with torch.no_grad():
         for key, p in params.items():

@@ -182,15 +182,20 @@ class SD3Policy(Policy):
     # ------------------------------------------------------------------ the denoiser
 
     def forward(self, x_t: Tensor, t: Tensor, cond: dict[str, Tensor]) -> Tensor:
-        """Velocity (B, C, h, w) for latents ``x_t`` (B, C, h, w) at sigmas ``t`` (B,)."""
+        """Velocity (B, C, h, w) for latents ``x_t`` (B, C, h, w) at sigmas ``t`` (B,).
+
+        The transformer runs in its own dtype (``model.dtype``); what goes in and out is
+        float32, so samplers and the ELBO compute in float32 whatever the model's precision.
+        """
+        dtype = next(self.transformer.parameters()).dtype
         out = self.transformer(
-            hidden_states=x_t,
-            timestep=t * 1000.0,
-            encoder_hidden_states=cond["prompt_embeds"],
-            pooled_projections=cond["pooled"],
+            hidden_states=x_t.to(dtype),
+            timestep=(t * 1000.0).to(dtype),
+            encoder_hidden_states=cond["prompt_embeds"].to(dtype),
+            pooled_projections=cond["pooled"].to(dtype),
             return_dict=False,
         )[0]
-        return out
+        return out.float()
 
     # ------------------------------------------------------------------ pixels <-> latents
 
