@@ -190,13 +190,15 @@ class LearnerEngine:
             yield
 
     def sampling_state(self) -> tuple[int, StateDict, str]:
-        """``(version, weights, checksum)`` of the sampling (old) policy, to publish."""
+        """``(version, weights, checksum)`` of the sampling (old) policy, to publish. Under
+        ZeRO-3 every rank must call it (the gather of partitioned parameters is collective)."""
         with self._full_params():
             state = {k: v.detach().cpu().numpy().copy() for k, v in self.copies.old_state().items()}
         return self.version, state, checksum(state)
 
     def current_state(self) -> StateDict:
-        """The trained (current) weights, e.g. for evaluation."""
+        """The trained (current) weights, e.g. for evaluation (every rank calls it under
+        ZeRO-3, as ``sampling_state``)."""
         with self._full_params():
             return to_numpy_state(self.policy, self.keys)
 
@@ -352,16 +354,22 @@ class LearnerEngine:
         self.engine.save_checkpoint(
             str(directory / "deepspeed"), tag="state", exclude_frozen_parameters=self.lora
         )
-        if self.rank == 0:  # the old/lagged policies differ from the base only in ``keys``
-            with self._full_params():
-                lagged = self.copies.lagged_state()
-                extra = {
-                    "version": self.version,
-                    "old": {k: v.clone() for k, v in self.copies.old_state().items()},
-                    "lagged": {}
-                    if lagged is None
-                    else {self.copies.lagged_version: {k: v.clone() for k, v in lagged.items()}},
-                }
+        # Every rank gathers (a collective under ZeRO-3); rank 0 writes. The old/lagged
+        # policies differ from the base only in ``keys``.
+        with self._full_params():
+            lagged = self.copies.lagged_state()
+            extra = {
+                "version": self.version,
+                "old": {k: v.detach().cpu().clone() for k, v in self.copies.old_state().items()},
+                "lagged": {}
+                if lagged is None
+                else {
+                    self.copies.lagged_version: {
+                        k: v.detach().cpu().clone() for k, v in lagged.items()
+                    }
+                },
+            }
+        if self.rank == 0:
             torch.save(extra, directory / "learner_extra.pt")
 
     def load(self, directory: Path) -> None:

@@ -201,11 +201,12 @@ class LearnerWorker(Actor):
 
         version, state, crc = self.engine.sampling_state()
         nbytes = sum(v.nbytes for v in state.values())
-        return PublishedWeights(version, crc, nbytes), state
+        # Under ZeRO-3 every rank takes part in the gather; only rank 0's copy is read.
+        return PublishedWeights(version, crc, nbytes), state if self.rank == 0 else {}
 
     def current_state(self) -> dict[str, np.ndarray]:
         out: dict[str, np.ndarray] = self.engine.current_state()
-        return out
+        return out if self.rank == 0 else {}
 
     def save(self, directory: str) -> bool:
         self.engine.save(Path(directory))

@@ -289,8 +289,10 @@ class Controller:
         object).
         """
         start = time.monotonic()
-        meta_ref, state_ref = self.learners[0].publish_weights.remote()
+        refs = [lw.publish_weights.remote() for lw in self._gathering_ranks()]
+        meta_ref, state_ref = refs[0]
         meta = self._learner_get(meta_ref, "publishing weights")
+        self._learner_get([r[0] for r in refs[1:]], "publishing weights")
         ro = self.rollouts
         ro.state_ref, ro.version, ro.checksum = state_ref, meta.version, meta.checksum
         self.version = int(meta.version)
@@ -316,10 +318,17 @@ class Controller:
             "weights/load_seconds_max": float(max(seconds, default=0.0)),
         }
 
+    def _gathering_ranks(self) -> list[Any]:
+        """The learner ranks to ask for weights: rank 0, or all of them under ZeRO-3, where
+        gathering partitioned parameters is a collective every rank must join."""
+        actors = list(self.learners.actors)
+        return actors if self.cfg.learner.zero_stage == 3 else actors[:1]
+
     def evaluate(self, round_: int) -> dict[str, float]:
         """Held-out accuracy of the *current* (trained) weights, on rollout worker 0."""
         start = time.monotonic()
-        state_ref = self.learners[0].current_state.remote()
+        refs = [lw.current_state.remote() for lw in self._gathering_ranks()]
+        state_ref = refs[0]
         args = (state_ref, self.eval_prompts, self.cfg.eval, self.cfg.seed + EVAL_OFFSET)
         try:
             result = ray.get(self.rollouts[0].evaluate.remote(*args), timeout=self.timeout)
@@ -327,6 +336,7 @@ class Controller:
             log.warning("rollout worker 0 died during the evaluation; replacing it and retrying")
             self.rollouts.replace(0)
             result = ray.get(self.rollouts[0].evaluate.remote(*args), timeout=self.timeout)
+        self._learner_get(refs[1:], "gathering the current weights")
         k = min(32, len(result.prompts))
         self._save_grid(
             self.run_dir.path / "samples" / f"eval_round_{round_:05d}.png",

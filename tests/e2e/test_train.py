@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -162,3 +163,29 @@ def test_export_writes_the_trained_policy_as_a_saved_policy(
     assert "round 4" in (out / "README.md").read_text()
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert again.returncode == 2 and "not empty" in again.stderr
+
+
+@pytest.mark.parametrize("model", ["tiny", "sd35-lora"])
+def test_zero3_with_two_learner_ranks_trains_publishes_evaluates_and_checkpoints(
+    tmp_path: Path, model: str
+) -> None:
+    """ZeRO-3 partitions the parameters over the ranks: every gather of them (publishing,
+    evaluation, checkpoints) must be joined by every rank, or the run hangs."""
+    sections: dict[str, Any] = {
+        "learner": {"num_workers": 2, "zero_stage": 3, "resources": {"num_cpus": 0.25}},
+        "train": {"rounds": 2, "eval_every": 2, "checkpoint_every": 2},
+    }
+    if model == "sd35-lora":
+        from tests.fixtures.tiny_models import save_tiny_sd3
+
+        path = save_tiny_sd3(tmp_path / "tiny-sd35", variant="sd35")
+        sections["model"] = {"kind": "sd3", "path": str(path), "checkpoint": None}
+        sections["model"]["lora"] = {"rank": 4}
+        sections["rewards"] = {"functions": [{"name": "jpeg_compressibility"}]}
+    out = run_train(["--config", str(tiny_config(tmp_path, **sections))], timeout=600)
+    assert out.returncode == 0, out.stderr[-4000:]
+    run = tmp_path / "runs" / "t"
+    rounds = metrics(run)
+    assert [r["round"] for r in rounds] == [1, 2] and "eval/accuracy" in rounds[-1]
+    assert rounds[-1]["weights/version"] == 2 and rounds[-1]["weights/bytes"] > 0
+    assert (run / "checkpoints" / "round_00002" / "COMPLETE").exists()

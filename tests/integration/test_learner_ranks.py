@@ -76,7 +76,8 @@ def _update(world: int, zero_stage: int, keep: np.ndarray) -> dict[str, np.ndarr
         timeout=180,
     )
     assert all(np.isfinite(m["learner/loss"]) for m in metrics)
-    state = ray.get(learners[0].current_state.remote(), timeout=60)
+    # Every rank is asked (under ZeRO-3 the gather is a collective); rank 0 answers.
+    state = ray.get([lw.current_state.remote() for lw in learners], timeout=60)[0]
     for lw in learners:
         ray.kill(lw)
     return state
@@ -90,8 +91,8 @@ UNEVEN = np.array([1, 0, 1, 1, 0, 0, 0, 0] + [1] * 8, dtype=bool)
 
 @pytest.mark.parametrize(
     ("zero_stage", "keep"),
-    [(0, ALL), (2, ALL), (0, UNEVEN), (2, UNEVEN)],
-    ids=["zero0", "zero2", "zero0-uneven", "zero2-uneven"],
+    [(0, ALL), (2, ALL), (3, ALL), (0, UNEVEN), (2, UNEVEN)],
+    ids=["zero0", "zero2", "zero3", "zero0-uneven", "zero2-uneven"],
 )
 def test_one_and_two_ranks_give_the_same_update(
     ray_local: None, zero_stage: int, keep: np.ndarray
