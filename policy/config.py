@@ -95,6 +95,12 @@ class ModelConfig(Section):
                 f"model kind {self.kind!r} needs model.path, the local diffusers directory of "
                 "the model (set it with --set model.path=DIR)"
             )
+        if self.dtype != "float32" and self.lora.rank == 0:
+            raise ValueError(
+                f"model.dtype = {self.dtype} needs LoRA (model.lora.rank > 0): fully fine-tuned "
+                "weights are published as numpy arrays, which have no bfloat16; LoRA adapters "
+                "stay float32 on a lower-precision base"
+            )
         if "checkpoint" not in self.model_fields_set:
             object.__setattr__(self, "checkpoint", None)  # the tiny default does not apply
         elif self.checkpoint is not None:

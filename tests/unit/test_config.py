@@ -116,6 +116,7 @@ def test_config_is_frozen_and_round_trips() -> None:
         (["model.kind=sd3", "model.path=/m", "model.checkpoint=ckpt"], "model.checkpoint must"),
         (["model.path=/m"], "loads from model.checkpoint, not model.path"),
         (["model.dtype=bfloat16"], "float32 only"),
+        (["model.kind=sd3", "model.path=/m", "model.dtype=bfloat16"], "needs LoRA"),
     ],
 )
 def test_model_weights_come_from_where_the_kind_reads_them(
