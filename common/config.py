@@ -62,9 +62,11 @@ class SamplingConfig(Section):
     grid: str = Field(
         "uniform",
         description="The sigma grid (`algo/samplers.py` GRIDS): `uniform` = 1 - i/S, shifted "
-        "once; `diffusers` = FlowMatchEulerDiscreteScheduler's default (what the SD3 pipeline, "
-        "flow_grpo and the paper sample SD3.5 on). The learner's ELBO timesteps come from the "
-        "same grid.",
+        "once by `shift`; `diffusers` = the model's own pipeline's grid: for `tiny` "
+        "FlowMatchEulerDiscreteScheduler's default at `shift`, for `sd3` that at the "
+        "scheduler's own shift (3; what flow_grpo and the paper sample SD3.5 on), for `flux` "
+        "the uniform grid at the dynamic shift exp(mu) of the image's token count. The "
+        "learner's ELBO timesteps come from the same grid.",
     )
     eta: float = Field(0.7, ge=0, description="SDE noise level (only for stochastic samplers).")
     guidance: float = Field(

@@ -107,8 +107,10 @@ class LearnerEngine:
         self.cfg, self.sampling, self.seed = cfg, sampling, seed
         prediction = "velocity" if policy.prediction_type == "flow" else "epsilon"
         self.train_guidance, self.ref_guidance = cfg.guidance_scales(sampling.guidance)
-        # The ELBO is divided by the scale its passes are guided with (DESIGN.md section 1).
-        self.loss_cfg: LossConfig = cfg.loss_config(prediction, cfg_scale=self.train_guidance)
+        # The ELBO is divided by the scale its passes are guided with (DESIGN.md section 1);
+        # embedded guidance (FLUX.1-dev) is an input of one pass, not a combination: scale 1.
+        cfg_scale = self.train_guidance if policy.guidance_mode == "cfg" else 1.0
+        self.loss_cfg: LossConfig = cfg.loss_config(prediction, cfg_scale=cfg_scale)
         self.estimator = ESTIMATORS.get(cfg.estimator)
         self.schedule = get_schedule(cfg.old_policy_schedule)
         self.lora = lora is not None and lora.rank > 0
@@ -128,9 +130,8 @@ class LearnerEngine:
         self.world_size = int(torch.distributed.get_world_size())
         # (S + 1,) the rollout sampler's own grid, 1 -> 0: the ELBO draws its timesteps from
         # it and the trajectory estimator re-scores its steps on it.
-        self.sigmas = get_sampler(sampling.sampler).timesteps(
-            sampling.num_steps, sampling.shift, grid=sampling.grid
-        )
+        shift, grid = policy.sampling_grid(sampling.shift, sampling.grid)
+        self.sigmas = get_sampler(sampling.sampler).timesteps(sampling.num_steps, shift, grid=grid)
 
     def _hold_copies(
         self, policy: Policy, lora: LoraConfig | None, copies: Literal["adapters", "deep"] | None

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 # by ``Policy.encode_prompts`` and passed back into ``Policy.forward`` unchanged.
 Cond = Any
 PredictionType = Literal["flow", "epsilon"]
+GuidanceMode = Literal["cfg", "embedded", "none"]
 
 
 class Policy(nn.Module, ABC):
@@ -33,6 +34,9 @@ class Policy(nn.Module, ABC):
 
     prediction_type: ClassVar[PredictionType]
     kind: ClassVar[str]  # the registered model kind (``policy/models.py``)
+    guidance_mode: GuidanceMode = "cfg"
+    """How a guidance scale G acts: ``cfg`` (classifier-free: u + G (c - u), two passes),
+    ``embedded`` (an input of the network, one pass: FLUX.1-dev), ``none`` (G must be 1)."""
     image_size: int  # side of the square RGB images ``to_images`` returns, in pixels
 
     @property
@@ -56,6 +60,12 @@ class Policy(nn.Module, ABC):
         """Encode RGB images uint8 (B, H, W, 3) into model space (for supervised pretraining)."""
         raise NotImplementedError(f"{type(self).__name__} cannot encode images")
 
+    def sampling_grid(self, shift: float, grid: str) -> tuple[float, str]:
+        """``(shift, grid)`` to sample on: the configured ones, or for ``grid = "diffusers"``
+        what the model's own pipeline uses (a kind's override: SD3's scheduler shift on
+        diffusers' grid, FLUX's dynamic shift on the uniform grid)."""
+        return shift, grid
+
     def conditions(self, prompts: Sequence[str]) -> dict[str, Any] | None:
         """The cached conditionings of ``prompts`` (one entry per unique prompt, on the CPU)
         for kinds whose text encoders are frozen, so that they can travel with the samples
@@ -66,6 +76,10 @@ class Policy(nn.Module, ABC):
     def add_conditions(self, conditions: dict[str, Any]) -> None:
         """Put conditionings made by ``conditions`` (on another worker) into the cache."""
         raise TypeError(f"{type(self).__name__} does not take shipped conditionings")
+
+    def with_guidance(self, cond: Cond, scale: float) -> Cond:
+        """``cond`` with the guidance scale as the network's input (``embedded`` mode)."""
+        raise TypeError(f"{type(self).__name__} takes no embedded guidance")
 
     def select(self, cond: Cond, index: Tensor) -> Cond:
         """Rows ``index`` of a conditioning batch (tensor or dict of tensors)."""
@@ -80,8 +94,13 @@ def guided_fn(
     """Close over the conditioning: ``fn(x_t, t) -> prediction`` with classifier-free guidance.
 
     ``pred = uncond + G * (cond - uncond)``; with G == 1 (or no ``uncond``) the unconditional
-    pass is skipped entirely.
+    pass is skipped entirely. A policy with embedded guidance gets G as an input instead (one
+    pass); one without guidance refuses G != 1.
     """
+    _check_guidance(policy, guidance)
+    if policy.guidance_mode == "embedded":
+        guided = policy.with_guidance(cond, guidance)
+        return lambda x, t: policy(x, t, guided)
     if guidance == 1.0 or uncond is None:
         return lambda x, t: policy(x, t, cond)
 
@@ -98,15 +117,26 @@ class GuidedModel:
     """
 
     def __init__(self, model: Callable[..., Tensor], policy: Policy, scale: float):
-        if scale < 1.0:
+        if scale < 1.0 and policy.guidance_mode == "cfg":
             raise ValueError(f"a guidance scale must be >= 1, got {scale}")
+        _check_guidance(policy, scale)
         self.model, self.policy, self.scale = model, policy, scale
 
     def __call__(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
+        if self.policy.guidance_mode == "embedded":  # one pass, the scale as an input
+            return self.model(x_t, t, self.policy.with_guidance(cond, self.scale))
         if self.scale == 1.0:
             return self.model(x_t, t, cond)
         uncond = self.policy.encode_prompts([""] * x_t.shape[0])
         return _guided(self.model, x_t, t, cond, uncond, self.scale)
+
+
+def _check_guidance(policy: Policy, scale: float) -> None:
+    if policy.guidance_mode == "none" and scale != 1.0:
+        raise ValueError(
+            f"{type(policy).__name__} has no guidance (e.g. FLUX.1-schnell); set "
+            f"rollout.sampling.guidance (and learner.train_guidance) to 1, not {scale}"
+        )
 
 
 def _guided(

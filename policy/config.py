@@ -18,7 +18,8 @@ class LoraConfig(Section):
         None,
         description="Module name suffixes of the denoiser that receive adapters; null = the "
         "model kind's default (`tiny`: to_q, to_k, to_v, to_out.0; `sd3`: both streams of the "
-        "joint attention, the paper's eight projections). The count of adapted modules is "
+        "joint attention, the paper's eight projections; `flux`: those and both streams' "
+        "feed-forward layers). The count of adapted modules is "
         "logged when the adapters are added.",
     )
 
@@ -29,8 +30,8 @@ class ModelConfig(Section):
     kind: str = Field(
         "tiny",
         description="Model family, a registered kind (`policy/models.py`): `tiny` is the "
-        "built-in pixel-space flow model (weights from model.checkpoint); `sd3` is SD3/SD3.5 "
-        "from the local diffusers directory model.path.",
+        "built-in pixel-space flow model (weights from model.checkpoint); `sd3` (SD3/SD3.5) and "
+        "`flux` (FLUX.1-dev/schnell) load the local diffusers directory model.path.",
     )
     checkpoint: str | None = Field(
         "checkpoints/shapes-base",

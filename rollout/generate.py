@@ -58,19 +58,21 @@ def generate(
     device = next(policy.parameters()).device
     noise = initial_noise(policy.sample_shape, len(prompts), seed)
     sde_gen = torch.Generator().manual_seed(sde_seed(seed))
+    shift, grid = policy.sampling_grid(sampling.shift, sampling.grid)
     chunks: list[tuple[Tensor, Tensor | None, Tensor | None]] = []
     for start in range(0, len(prompts), batch_size):
         batch = list(prompts[start : start + batch_size])
         cond = policy.encode_prompts(batch)
-        uncond = policy.encode_prompts([""] * len(batch)) if sampling.guidance != 1.0 else None
+        cfg = sampling.guidance != 1.0 and policy.guidance_mode == "cfg"
+        uncond = policy.encode_prompts([""] * len(batch)) if cfg else None
         fn = guided_fn(policy, cond, uncond, sampling.guidance)
         out = sample(
             fn,
             noise[start : start + batch_size].to(device),
             sampler=sampling.sampler,
             num_steps=sampling.num_steps,
-            shift=sampling.shift,
-            grid=sampling.grid,
+            shift=shift,
+            grid=grid,
             eta=sampling.eta,
             generator=sde_gen,
             return_trajectory=keep_trajectory,

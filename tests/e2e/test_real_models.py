@@ -165,3 +165,71 @@ def test_the_exported_lora_reproduces_the_trained_policy_in_diffusers(
     )
     pipe.set_progress_bar_config(disable=True)
     assert (_latents(pipe, noise) - ours).abs().max().item() <= 1e-5
+
+
+def test_two_rounds_of_lora_on_a_tiny_flux_dev_with_embedded_guidance_and_its_export(
+    tmp_path: Path,
+) -> None:
+    from diffusers import FluxPipeline
+
+    from algo.samplers import sample
+    from learner.engine import read_trained_weights
+    from policy.config import LoraConfig, ModelConfig
+    from policy.io import model_from_config
+    from policy.lora import add_lora
+    from tests.fixtures.tiny_models import save_tiny_flux
+
+    model_dir = save_tiny_flux(tmp_path / "tiny-flux-dev", variant="dev")
+    cfg = tiny_config(
+        tmp_path,
+        model={"kind": "flux", "path": str(model_dir), "checkpoint": None, "lora": {"rank": 4}},
+        world={"image_size": 32},
+        rewards={"functions": [{"name": "jpeg_compressibility"}]},
+        rollout={
+            "prompts_per_round": 2,
+            "sampling": {"sampler": "euler", "num_steps": 4, "guidance": 3.5, "grid": "diffusers"},
+        },
+        eval={"max_prompts": 4, "sampling": {"guidance": 3.5}},
+        learner={"lr": 3e-3},
+        train={"rounds": 2, "eval_every": 2, "checkpoint_every": 2, "sample_grid_every": 2},
+    )
+    out = run_train(["--config", str(cfg)], timeout=600)
+    assert out.returncode == 0, out.stderr[-4000:]
+    run = tmp_path / "runs" / "t"
+    rounds = metrics(run)
+    assert [r["round"] for r in rounds] == [1, 2] and "eval/accuracy" in rounds[-1]
+    # One embedded-guidance pass, the same in rollout and learner: the first ratio is 1.
+    assert rounds[0]["learner/ratio_max"] == pytest.approx(1.0, abs=1e-5)
+
+    _export(run, tmp_path / "lora")
+    model = ModelConfig(kind="flux", path=str(model_dir), lora=LoraConfig(rank=4))
+    policy = add_lora(model_from_config(model, 32), model.lora)
+    ckpt = run / "checkpoints" / "round_00002" / "learner"
+    policy.load_state_dict(read_trained_weights(ckpt), strict=False)
+    noise = torch.randn((2, *policy.sample_shape), generator=torch.Generator().manual_seed(0))
+    shift, grid = policy.eval().sampling_grid(1.0, "diffusers")
+    with torch.no_grad():
+        cond = policy.with_guidance(policy.encode_prompts(PROMPTS), 3.5)
+        fn = lambda x, t: policy(x, t, cond)  # noqa: E731
+        ours = sample(fn, noise, sampler="euler", num_steps=4, shift=shift, grid=grid).x0
+    pipe = FluxPipeline.from_pretrained(model_dir, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(tmp_path / "lora")
+    theirs = pipe(
+        PROMPTS,
+        latents=_pack(noise),
+        height=32,
+        width=32,
+        num_inference_steps=4,
+        guidance_scale=3.5,
+        max_sequence_length=128,
+        output_type="latent",
+    ).images
+    assert (_pack(ours) - theirs).abs().max().item() <= 1e-5
+
+
+def _pack(x: torch.Tensor) -> torch.Tensor:
+    """FLUX's 2x2 packing of (B, C, h, w) latents into (B, h w / 4, 4 C) tokens."""
+    b, c, h, w = x.shape
+    x = x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // 2) * (w // 2), c * 4)
