@@ -139,8 +139,13 @@ def pretrain(
             _save_snapshot(run, snapshots)
         if out_of_time:
             log.info(
-                "pretrain: time budget of %.1f min reached at step %d", cfg.max_minutes, state.step
+                "pretrain: time budget of %.1f min reached at step %d of %d",
+                cfg.max_minutes,
+                state.step,
+                cfg.steps,
             )
+            if snapshots is not None and state.step % max(cfg.snapshot_every, 1):
+                _save_snapshot(run, snapshots)  # so that a longer budget continues from here
             break
     bar.close()
     return run.ema, state

@@ -124,7 +124,19 @@ def run_pretrain(
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     save_policy(ema, out, provenance)
-    drop_snapshot(snapshots)
+    if state.step >= cfg.pretrain.steps:
+        drop_snapshot(snapshots)
+    else:
+        log.warning(
+            "stopped by the time budget at step %d of %d: %s holds the model so far; rerun the "
+            "same command with a larger --set pretrain.max_minutes to continue from step %d "
+            "(the snapshot in %s is kept)",
+            state.step,
+            cfg.pretrain.steps,
+            out,
+            state.step,
+            snapshots.path,
+        )
     last = state.evals[-1] if state.evals else {}
     log.info(
         "saved %s after %d steps (%.1f min); held-out accuracy %s",

@@ -82,11 +82,19 @@ class _CrashingWorld(ShapesWorld):
         return super().pretraining_batch(prompts, n, rng)
 
 
-def _tiny_run(world: ShapesWorld, tmp_path: Path, fingerprint: str = "a") -> tuple[dict, int]:
+def _tiny_run(
+    world: ShapesWorld, tmp_path: Path, fingerprint: str = "a", max_minutes: float | None = None
+) -> tuple[dict, int]:
     torch.manual_seed(0)
     policy = build_tiny(32, {"channels": (16, 32), "text_dim": 32, "text_layers": 1})
     cfg = PretrainConfig(
-        steps=6, batch_size=4, warmup_steps=2, lr_schedule="cosine", eval_every=0, snapshot_every=2
+        steps=6,
+        batch_size=4,
+        warmup_steps=2,
+        lr_schedule="cosine",
+        eval_every=0,
+        snapshot_every=2,
+        max_minutes=max_minutes,
     )
     prompts = [p.text for p in all_prompts()[:50]]
     snaps = Snapshots(path=tmp_path / "snap", fingerprint=fingerprint)
@@ -100,6 +108,15 @@ def test_an_interrupted_pretraining_resumes_to_the_same_weights(tmp_path: Path) 
         _tiny_run(_CrashingWorld(fail_at=3), tmp_path / "resumed")  # dies in step 4
     assert (tmp_path / "resumed" / "snap" / "snapshot.pt").exists()  # the one of step 2
     resumed, steps = _tiny_run(ShapesWorld(), tmp_path / "resumed")
+    assert steps == 6
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_a_run_stopped_by_its_time_budget_continues_with_a_larger_one(tmp_path: Path) -> None:
+    straight, _ = _tiny_run(ShapesWorld(), tmp_path / "straight")
+    _, steps = _tiny_run(ShapesWorld(), tmp_path / "budget", max_minutes=1e-9)  # 1 step
+    assert steps == 1 and (tmp_path / "budget" / "snap" / "snapshot.pt").exists()
+    resumed, steps = _tiny_run(ShapesWorld(), tmp_path / "budget", max_minutes=None)
     assert steps == 6
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
 
