@@ -54,7 +54,8 @@ def _pretrain_snapshots(cfg: RunConfig, out: Path, fresh: bool) -> Any:
     fingerprint = json.dumps(
         {
             "seed": cfg.seed,
-            "model": cfg.model.model_dump(mode="json"),
+            # What pretraining reads of the model settings (not LoRA or real-model fields).
+            "model": cfg.model.model_dump(mode="json", include={"kind", "checkpoint", "arch"}),
             "world": cfg.world.model_dump(mode="json"),
             "pretrain": cfg.pretrain.model_dump(mode="json", exclude=settable),
         },
