@@ -358,18 +358,9 @@ class LearnerEngine:
         # Every rank gathers (a collective under ZeRO-3); rank 0 writes. The old/lagged
         # policies differ from the base only in ``keys``.
         with self._full_params():
-            lagged = self.copies.lagged_state()
-            extra = {
-                "version": self.version,
-                "old": {k: v.detach().cpu().clone() for k, v in self.copies.old_state().items()},
-                "lagged": {}
-                if lagged is None
-                else {
-                    self.copies.lagged_version: {
-                        k: v.detach().cpu().clone() for k, v in lagged.items()
-                    }
-                },
-            }
+            old, lagged = _on_cpu(self.copies.old_state()), self.copies.lagged_state()
+            held = {} if lagged is None else {self.copies.lagged_version: _on_cpu(lagged)}
+        extra = {"version": self.version, "old": old, "lagged": held}
         if self.rank == 0:
             torch.save(extra, directory / "learner_extra.pt")
 
@@ -387,6 +378,10 @@ class LearnerEngine:
             self.copies.load(
                 extra["old"], lagged[0][1] if lagged else None, lagged[0][0] if lagged else None
             )
+
+
+def _on_cpu(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in state.items()}
 
 
 def read_trained_weights(directory: Path) -> dict[str, Tensor]:

@@ -12,7 +12,6 @@ flow sigma in [0, 1] (the transformer takes ``1000 t``). Guidance is classifier-
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -22,8 +21,6 @@ from torch import Tensor
 from policy.base import PredictionType
 from policy.latent import Frozen, LatentPolicy, check_directory, latent_kind, load_pipeline
 from policy.models import MODELS
-
-log = logging.getLogger(__name__)
 
 LORA_TARGETS = (
     "attn.to_q",

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from services.config import ConfigError, RunConfig, config_to_yaml
-from services.run import COMPLETE, verify_checkpoint
+from services.run import COMPLETE, latest_complete, verify_checkpoint
 
 log = logging.getLogger("elborl.export")
 
@@ -63,12 +63,12 @@ def _checkpoint(run: Path, round_: int | None) -> Path:
         if not (ckpt / COMPLETE).exists():
             raise ConfigError(f"--round {round_}: {ckpt} is not a complete checkpoint")
         return ckpt
-    done = sorted(p for p in root.glob("round_*") if (p / COMPLETE).exists())
-    if not done:
+    latest = latest_complete(root)
+    if latest is None:
         raise ConfigError(
             f"{run} has no complete checkpoint to export (train.checkpoint_every > 0 writes them)"
         )
-    return done[-1]
+    return latest
 
 
 def _provenance(cfg: RunConfig, run: Path, ckpt: Path) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from services.config import RunConfig, config_to_yaml
+from services.run import sha256_file
 
 PACKAGES = (
     "elborl",
@@ -106,7 +107,7 @@ def model_files(cfg: RunConfig, cache_path: Path) -> dict[str, Any]:
         stat = f.stat()
         key = f"{f}:{stat.st_size}:{stat.st_mtime_ns}"
         if key not in cache:
-            cache[key] = _sha256(f)
+            cache[key] = sha256_file(f)
         files[str(f.relative_to(root))] = {"bytes": stat.st_size, "sha256": cache[key]}
     _write_cache(cache_path, cache)
     return {"directory": str(root), "files": files}
@@ -124,14 +125,6 @@ def devices() -> dict[str, Any]:
         if cuda
         else [],
     }
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _read_cache(path: Path) -> dict[str, str]:

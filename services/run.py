@@ -143,8 +143,13 @@ class RunDir:
 
     def latest_checkpoint(self) -> Path | None:
         """The newest checkpoint whose COMPLETE marker exists, or None."""
-        done = sorted(p for p in self.ckpt_root.glob("round_*") if (p / COMPLETE).exists())
-        return done[-1] if done else None
+        return latest_complete(self.ckpt_root)
+
+
+def latest_complete(ckpt_root: Path) -> Path | None:
+    """The newest ``round_*`` checkpoint under ``ckpt_root`` with its COMPLETE marker, or None."""
+    done = sorted(p for p in ckpt_root.glob("round_*") if (p / COMPLETE).exists())
+    return done[-1] if done else None
 
 
 def verify_checkpoint(ckpt: Path) -> None:
@@ -158,7 +163,7 @@ def verify_checkpoint(ckpt: Path) -> None:
         path = ckpt / rel
         if not path.is_file():
             raise ConfigError(f"checkpoint file {path} is missing; {_DELETE_HINT}")
-        if path.stat().st_size != size or _sha256(path) != digest:
+        if path.stat().st_size != size or sha256_file(path) != digest:
             raise ConfigError(f"checkpoint file {path} is corrupted (checksum); {_DELETE_HINT}")
 
 
@@ -169,13 +174,14 @@ _DELETE_HINT = (
 
 def _manifest(root: Path) -> dict[str, list[Any]]:
     return {
-        str(p.relative_to(root)): [p.stat().st_size, _sha256(p)]
+        str(p.relative_to(root)): [p.stat().st_size, sha256_file(p)]
         for p in sorted(root.rglob("*"))
         if p.is_file()
     }
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """SHA-256 of a file's bytes, read in 1 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
