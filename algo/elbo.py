@@ -491,7 +491,7 @@ def _reduce(x: Tensor, reduction: Reduction) -> Tensor:
 
 def _expand(t: Tensor, x: Tensor) -> Tensor:
     """(B,) -> (B, 1, ..., 1), broadcastable against x."""
-    return t.reshape(-1, *([1] * (x.ndim - 1)))
+    return t.reshape(-1, *([1] * (x.ndim - 1))).to(x.device)
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -503,7 +503,7 @@ def _noise_like(x0: Tensor, noise: Tensor | None, generator: torch.Generator | N
         if generator is not None:
             raise ValueError("pass noise or generator, not both")
         _check_like("noise", noise, x0)
-        return noise.to(x0.dtype)
+        return noise.to(device=x0.device, dtype=x0.dtype)
     rng_device = generator.device if generator is not None else x0.device
     eps = torch.randn(x0.shape, generator=generator, device=rng_device, dtype=_compute_dtype(x0))
     return eps.to(device=x0.device, dtype=x0.dtype)

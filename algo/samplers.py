@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 from algo.registry import Registry
+from algo.vp import trailing_flow_grid
 
 VelocityFn = Callable[[Tensor, Tensor], Tensor]
 DpmState = tuple[Tensor, float]
@@ -118,6 +119,7 @@ GRIDS: Registry[GridFn] = Registry("sigma grid", "sampling.grid")
 """Sigma grids by name: ``(num_steps, shift, device=, dtype=) -> (num_steps + 1,)`` from 1 to 0."""
 GRIDS.add("uniform", flow_timesteps)
 GRIDS.add("diffusers", diffusers_flow_timesteps)
+GRIDS.add("sd_trailing", trailing_flow_grid)  # VP models (SD1.5/SD2) in the flow view
 
 
 def euler_step(x: Tensor, v: Tensor, sigma: Tensor | float, sigma_next: Tensor | float) -> Tensor:
@@ -271,8 +273,11 @@ def sde_step(
         return SdeStepOutput(mean.to(x.dtype), zeros, mean, std)
     if prev_sample is None:
         if noise is None:
-            noise = torch.randn(x.shape, generator=generator, dtype=dtype, device=x.device)
-        prev_sample = (mean + std * noise.to(dtype)).detach().to(x.dtype)
+            # Drawn where the generator lives (a CPU generator gives the same noise on any
+            # device), used where x is.
+            rng_device = generator.device if generator is not None else x.device
+            noise = torch.randn(x.shape, generator=generator, dtype=dtype, device=rng_device)
+        prev_sample = (mean + std * noise.to(x.device, dtype)).detach().to(x.dtype)
     y = prev_sample.detach().to(dtype)
     log_density = -((y - mean) ** 2) / (2.0 * std**2) - torch.log(std) - _HALF_LOG_2PI
     log_prob = log_density.mean(dim=tuple(range(1, x.ndim)))

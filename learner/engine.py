@@ -28,7 +28,7 @@ import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -101,10 +101,13 @@ class LearnerEngine:
         copies: Literal["adapters", "deep"] | None = None,
     ):
         """``copies`` chooses how the old, lagged and reference policies are held (None:
-        adapters on the one base model for LoRA, deep copies otherwise; tests compare them)."""
+        adapters on the one base model for LoRA, deep copies otherwise; tests compare them).
+        The rank runs where ``policy`` is (``Policy.place`` first for a GPU); every batch and
+        draw moves there."""
         import deepspeed
 
         self.cfg, self.sampling, self.seed = cfg, sampling, seed
+        self.device = next(policy.parameters()).device
         prediction = "velocity" if policy.prediction_type == "flow" else "epsilon"
         self.train_guidance, self.ref_guidance = cfg.guidance_scales(sampling.guidance)
         # The ELBO is divided by the scale its passes are guided with (DESIGN.md section 1);
@@ -120,7 +123,7 @@ class LearnerEngine:
             lr=cfg.lr,
             weight_decay=cfg.weight_decay,
         )
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo")
         self.engine, *_ = deepspeed.initialize(
             model=policy, optimizer=optimizer, config=deepspeed_config(cfg)
         )
@@ -131,7 +134,8 @@ class LearnerEngine:
         # (S + 1,) the rollout sampler's own grid, 1 -> 0: the ELBO draws its timesteps from
         # it and the trajectory estimator re-scores its steps on it.
         shift, grid = policy.sampling_grid(sampling.shift, sampling.grid)
-        self.sigmas = get_sampler(sampling.sampler).timesteps(sampling.num_steps, shift, grid=grid)
+        sampler = get_sampler(sampling.sampler)
+        self.sigmas = sampler.timesteps(sampling.num_steps, shift, grid=grid).to(self.device)
 
     def _hold_copies(
         self, policy: Policy, lora: LoraConfig | None, copies: Literal["adapters", "deep"] | None
@@ -239,6 +243,7 @@ class LearnerEngine:
         step is applied with learning rate 0 (weights unchanged, ``learner/skipped_step`` = 1).
         """
         start = time.monotonic()
+        batch = self._on_device(batch)
         n = batch.x0.shape[0]
         keep = batch.keep if batch.keep is not None else np.ones(n, dtype=bool)
         total = batch.total_kept if batch.total_kept is not None else n * self.world_size
@@ -285,7 +290,8 @@ class LearnerEngine:
         """Before the first update current == old, so every ratio is 1 (to float noise) unless
         the passes differ from each other or from the rollouts'. All ranks agree on failing."""
         lo, hi = metrics.get("learner/ratio_min", 1.0), metrics.get("learner/ratio_max", 1.0)
-        off = torch.tensor([max(abs(hi - 1.0), abs(1.0 - lo))], dtype=torch.float64)
+        # Collectives take tensors on the rank's device (NCCL has no CPU tensors).
+        off = torch.tensor([max(abs(hi - 1.0), abs(1.0 - lo))], device=self.device)
         if self.world_size > 1:
             torch.distributed.all_reduce(off, op=torch.distributed.ReduceOp.MAX)
         if not off.item() <= self.cfg.first_ratio_tol:  # (NaN fails too)
@@ -301,7 +307,7 @@ class LearnerEngine:
 
     def _vote_skip(self, bad: int) -> bool:
         """True on every rank when any rank met a non-finite loss this step."""
-        flag = torch.tensor([float(bad > 0)])
+        flag = torch.tensor([float(bad > 0)], device=self.device)
         if self.world_size > 1:
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         return bool(flag.item() > 0)
@@ -318,6 +324,16 @@ class LearnerEngine:
         finally:
             for g, lr in zip(groups, saved, strict=True):
                 g["lr"] = lr
+
+    def _on_device(self, batch: TrainBatch) -> TrainBatch:
+        """``batch`` with its tensors on this rank's device (a no-op on the CPU)."""
+
+        def move(x: Tensor | None) -> Tensor | None:
+            return None if x is None else x.to(self.device, non_blocking=True)
+
+        x0, adv = batch.x0.to(self.device), batch.advantages.to(self.device)
+        traj, logp = move(batch.trajectory), move(batch.log_probs)
+        return replace(batch, x0=x0, advantages=adv, trajectory=traj, log_probs=logp)
 
     def _backward(self, loss: Tensor | None, batch: TrainBatch, stand_in: int) -> int:
         """Backpropagate ``loss``, or a zero loss (on row ``stand_in``) when it is None or

@@ -57,6 +57,8 @@ class LearnerView(Protocol):
     def group_shared_noise(self) -> bool: ...
     @property
     def eta(self) -> float: ...
+    @property
+    def device(self) -> torch.device: ...  # where the rank's model, batch and draws are
 
     def old_for(self, version: int) -> Any: ...
 
@@ -147,7 +149,7 @@ class ElboEstimator(Estimator):
             ctx.ref,
             x0,
             cond,
-            torch.zeros(1),
+            torch.zeros(1, device=x0.device),
             draw,
             ctx.loss_cfg,
             GlobalNormalizer(num_samples=1, num_timesteps=1),
@@ -191,7 +193,8 @@ class ElboEstimator(Estimator):
             g = torch.Generator().manual_seed(sample_seed(seed, int(sid)))
             ts.append(select_sampler_timesteps(ctx.sigmas[:-1], 1, k, generator=g)[1][0])
             eps.append(torch.randn((k, *shape), generator=g))
-        return torch.stack(ts), torch.stack(eps)
+        # Drawn on the CPU (the same draws on any device and rank split), used where x0 is.
+        return torch.stack(ts).to(ctx.device), torch.stack(eps).to(ctx.device)
 
 
 @register_estimator
@@ -236,7 +239,7 @@ class TrajectoryEstimator(Estimator):
             batch.log_probs[rows],
             torch.zeros(1, dtype=torch.long),
             cond,
-            torch.zeros(1),
+            torch.zeros(1, device=batch.trajectory.device),
             GlobalNormalizer(num_samples=1, num_timesteps=1),
         )
         return loss * 0.0

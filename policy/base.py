@@ -60,6 +60,19 @@ class Policy(nn.Module, ABC):
         """Encode RGB images uint8 (B, H, W, 3) into model space (for supervised pretraining)."""
         raise NotImplementedError(f"{type(self).__name__} cannot encode images")
 
+    @property
+    def initial_noise_scale(self) -> float:
+        """The sampling state at the grid's first level is ``initial_noise_scale x N(0, I)``:
+        1 for flow models (their grid starts at pure noise); a VP model in the flow view
+        starts where DDIM does (``algo.vp.initial_scale``)."""
+        return 1.0
+
+    def place(self, device: torch.device, text_encoders: str = "same") -> Policy:
+        """Move the model to ``device`` for sampling or training; kinds with frozen parts
+        outside their modules (text encoders, a VAE) move those too, the text encoders to the
+        CPU when ``text_encoders`` is ``"cpu"``. Returns ``self``."""
+        return self.to(device)
+
     def sampling_grid(self, shift: float, grid: str) -> tuple[float, str]:
         """``(shift, grid)`` to sample on: the configured ones, or for ``grid = "diffusers"``
         what the model's own pipeline uses (a kind's override: SD3's scheduler shift on

@@ -30,8 +30,9 @@ class ModelConfig(Section):
     kind: str = Field(
         "tiny",
         description="Model family, a registered kind (`policy/models.py`): `tiny` is the "
-        "built-in pixel-space flow model (weights from model.checkpoint); `sd3` (SD3/SD3.5) and "
-        "`flux` (FLUX.1-dev/schnell) load the local diffusers directory model.path.",
+        "built-in pixel-space flow model (weights from model.checkpoint); `sd3` (SD3/SD3.5), "
+        "`flux` (FLUX.1-dev/schnell) and `sd` (SD1.x/SD2.x, in the flow view) load the local "
+        "diffusers directory model.path.",
     )
     checkpoint: str | None = Field(
         "checkpoints/shapes-base",
@@ -61,6 +62,19 @@ class ModelConfig(Section):
         128,
         description="Tokens of the T5 prompt encoding for kinds that have one (`sd3`); the "
         "paper and flow_grpo use 128.",
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto",
+        description="Where each rollout worker and learner rank runs its model: `auto` = the "
+        "GPU Ray gave the actor (its `resources.num_gpus` > 0 and CUDA present), else the CPU; "
+        "`cuda` fails at start-up where no GPU is visible; `cpu` never uses one.",
+    )
+    text_encoder_device: Literal["same", "cpu"] = Field(
+        "same",
+        description="Rollout workers of real models: text encoders on the model's device "
+        "(`same`) or kept on the CPU (`cpu`: saves their GPU memory, e.g. ~9.5 GB of T5-XXL; "
+        "each prompt is encoded once and cached). Learner ranks load none: the conditionings "
+        "come with the samples.",
     )
     gradient_checkpointing: bool = Field(
         False,

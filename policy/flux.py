@@ -84,7 +84,7 @@ class FluxPolicy(LatentPolicy):
         packed = x_t.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
         packed = packed.reshape(b, (h // 2) * (w // 2), c * 4)
         guidance = cond.get("guidance") if self.guidance_mode == "embedded" else None
-        out = self.transformer(
+        out = self.denoiser(
             hidden_states=packed.to(dtype),
             timestep=t.to(dtype),
             guidance=None if guidance is None else guidance.to(torch.float32),

@@ -54,26 +54,28 @@ class Frozen:
 
 
 class LatentPolicy(Policy):
-    """A diffusers denoiser (``transformer``) over VAE latents ``(C, H / f, W / f)``; the
-    transformer sees ``packing`` x ``packing`` latent pixels per input position (FLUX: 2)."""
+    """A diffusers denoiser over VAE latents ``(C, H / f, W / f)``, held as the attribute
+    ``denoiser_name`` (``transformer``; SD1.5's ``unet``); it sees ``packing`` x ``packing``
+    latent pixels per input position (FLUX: 2)."""
 
     packing: ClassVar[int] = 1
+    denoiser_name: ClassVar[str] = "transformer"
 
     def __init__(
         self,
-        transformer: torch.nn.Module,
+        denoiser: torch.nn.Module,
         frozen: Frozen,
         image_size: int,
         max_sequence_length: int = 128,
         cache_size: int = 1024,
     ):
         super().__init__()
-        self.transformer = transformer
+        setattr(self, self.denoiser_name, denoiser)  # the one nn.Module child
         self.frozen = frozen
         vae_cfg = frozen.vae.config
-        config: Any = transformer.config
+        config: Any = denoiser.config
         self.vae_factor = 2 ** (len(vae_cfg.block_out_channels) - 1)
-        unit = self.vae_factor * int(config.patch_size) * self.packing
+        unit = self.vae_factor * int(getattr(config, "patch_size", None) or 1) * self.packing
         if image_size % unit:
             raise ValueError(f"image size {image_size} must be a multiple of {unit}")
         self.image_size = image_size
@@ -90,12 +92,30 @@ class LatentPolicy(Policy):
         return (self.latent_channels, side, side)
 
     @property
+    def denoiser(self) -> Any:
+        """The trained network (``transformer`` or ``unet``)."""
+        return getattr(self, self.denoiser_name)
+
+    @property
     def device(self) -> torch.device:
-        return next(self.transformer.parameters()).device
+        return next(self.denoiser.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.transformer.parameters()).dtype
+        return next(self.denoiser.parameters()).dtype
+
+    def place(self, device: torch.device, text_encoders: str = "same") -> LatentPolicy:
+        """The denoiser and the VAE to ``device``; the text encoders too, or to the CPU with
+        ``text_encoders="cpu"`` (they run once per new prompt, the cache keeps the rest)."""
+        self.to(device)
+        pipe = self.frozen.pipe
+        pipe.vae.to(device)
+        encoder_device = torch.device("cpu") if text_encoders == "cpu" else device
+        for name in TEXT_ENCODERS:
+            module = getattr(pipe, name, None)
+            if module is not None:
+                module.to(encoder_device)
+        return self
 
     # ------------------------------------------------------------------ conditioning
 
@@ -209,13 +229,14 @@ def read_json(path: Path) -> dict[str, Any]:
 def check_image_size(root: Path, image_size: int, packing: int = 1) -> None:
     """``world.image_size`` fits the VAE's downscaling x the patch size (x ``packing``)."""
     vae = read_json(root / "vae" / "config.json")
-    transformer = read_json(root / "transformer" / "config.json")
+    denoiser = "unet" if (root / "unet").is_dir() else "transformer"
+    net = read_json(root / denoiser / "config.json")
     factor = 2 ** (len(vae.get("block_out_channels", [0])) - 1)
-    unit = factor * int(transformer.get("patch_size", 1)) * packing
+    unit = factor * int(net.get("patch_size") or 1) * packing
     if image_size % unit:
         raise ValueError(
             f"world.image_size = {image_size} is not a multiple of {unit} (the VAE's downscaling "
-            f"x the transformer's patch size of model.path {str(root)!r}); use e.g. "
+            f"x the {denoiser}'s patch size of model.path {str(root)!r}); use e.g. "
             f"{max(unit, image_size // unit * unit)}"
         )
 
@@ -235,6 +256,18 @@ def load_pipeline(pipeline_class: Any, root: Path, dtype: torch.dtype, **parts: 
     return pipe
 
 
+def take_denoiser(pipe: Any, name: str, image_size: int | None) -> tuple[Any, int]:
+    """Take the denoiser ``name`` out of ``pipe`` (the policy owns it; the frozen holder keeps
+    the rest); with the image size, by default the denoiser's ``sample_size`` x the VAE's
+    downscaling."""
+    denoiser = getattr(pipe, name)
+    setattr(pipe, name, None)
+    if image_size is None:
+        factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+        image_size = int(denoiser.config.sample_size) * factor
+    return denoiser, image_size
+
+
 def export_transformer(
     policy: Policy, directory: Path, merged: bool, pipeline_class: Any
 ) -> list[str]:
@@ -246,18 +279,20 @@ def export_transformer(
     from policy.lora import has_lora, merge_lora
 
     assert isinstance(policy, LatentPolicy)
-    transformer: Any = policy.transformer
+    name, denoiser = policy.denoiser_name, policy.denoiser
     if has_lora(policy) and not merged:
         pipeline_class.save_lora_weights(
             directory,
-            transformer_lora_layers=get_peft_model_state_dict(transformer),
-            transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict(),
+            **{
+                f"{name}_lora_layers": get_peft_model_state_dict(denoiser),
+                f"{name}_lora_adapter_metadata": denoiser.peft_config["default"].to_dict(),
+            },
         )
         return ["pytorch_lora_weights.safetensors"]
     if has_lora(policy):
         merge_lora(policy)
-    transformer.save_pretrained(directory / "transformer")
-    return ["transformer/"]
+    denoiser.save_pretrained(directory / name)
+    return [f"{name}/"]
 
 
 def latent_kind(
@@ -277,7 +312,7 @@ def latent_kind(
             text_encoders=text_encoders,
         )
         if model.gradient_checkpointing:
-            policy.transformer.enable_gradient_checkpointing()
+            policy.denoiser.enable_gradient_checkpointing()
         return policy
 
     def check_path(model: Any, image_size: int) -> None:

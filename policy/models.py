@@ -58,7 +58,7 @@ class ModelKind:
 
 
 MODELS: Registry[ModelKind] = Registry("model kind", "model.kind")
-_BUILTIN_KINDS = ("policy.tiny", "policy.sd3", "policy.flux")
+_BUILTIN_KINDS = ("policy.tiny", "policy.sd3", "policy.flux", "policy.sd")
 
 
 def model_kinds() -> Registry[ModelKind]:

@@ -19,7 +19,14 @@ import torch
 from torch import Tensor
 
 from policy.base import PredictionType
-from policy.latent import Frozen, LatentPolicy, check_directory, latent_kind, load_pipeline
+from policy.latent import (
+    Frozen,
+    LatentPolicy,
+    check_directory,
+    latent_kind,
+    load_pipeline,
+    take_denoiser,
+)
 from policy.models import MODELS
 
 LORA_TARGETS = (
@@ -67,7 +74,7 @@ class SD3Policy(LatentPolicy):
         float32, so samplers and the ELBO compute in float32 whatever the model's precision.
         """
         dtype = self.dtype
-        out = self.transformer(
+        out = self.denoiser(
             hidden_states=x_t.to(dtype),
             timestep=(t * 1000.0).to(dtype),
             encoder_hidden_states=cond["prompt_embeds"].to(dtype),
@@ -112,12 +119,8 @@ def load_sd3(
     if not text_encoders:
         extra.update(dict.fromkeys(TEXT_PARTS))
     pipe = load_pipeline(StableDiffusion3Pipeline, root, dtype, **extra)
-    transformer = pipe.transformer
-    pipe.transformer = None  # the policy owns it; the holder keeps the rest
-    if image_size is None:
-        factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-        image_size = int(transformer.config.sample_size) * factor
-    return SD3Policy(transformer, Frozen(pipe), image_size, max_sequence_length)
+    transformer, size = take_denoiser(pipe, "transformer", image_size)
+    return SD3Policy(transformer, Frozen(pipe), size, max_sequence_length)
 
 
 MODELS.add("sd3", latent_kind(load_sd3, check_sd3_directory, LORA_TARGETS, PIPELINE))

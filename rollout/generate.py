@@ -57,6 +57,8 @@ def generate(
         raise ValueError("generate() needs at least one prompt")
     device = next(policy.parameters()).device
     noise = initial_noise(policy.sample_shape, len(prompts), seed)
+    if policy.initial_noise_scale != 1.0:
+        noise = noise * policy.initial_noise_scale
     sde_gen = torch.Generator().manual_seed(sde_seed(seed))
     shift, grid = policy.sampling_grid(sampling.shift, sampling.grid)
     chunks: list[tuple[Tensor, Tensor | None, Tensor | None]] = []

@@ -37,11 +37,16 @@ def _threads(num: int) -> None:
 def _load_policy(
     model: ModelConfig, image_size: int, with_lora: bool, text_encoders: bool = True
 ) -> Any:
+    """The configured policy on this actor's device (``model.device``)."""
     from policy.io import model_from_config
     from policy.lora import add_lora
+    from policy.placement import resolve_device
 
     policy = model_from_config(model, image_size, text_encoders)
-    return add_lora(policy, model.lora) if with_lora and model.lora.rank > 0 else policy
+    if with_lora and model.lora.rank > 0:
+        policy = add_lora(policy, model.lora)
+    device = resolve_device(model.device, has_gpus=bool(ray.get_gpu_ids()))
+    return policy.place(device, model.text_encoder_device)
 
 
 class Actor:
@@ -142,12 +147,14 @@ class LearnerWorker(Actor):
                 "MASTER_PORT": str(master[1]),
             }
         )
-        os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
         torch.manual_seed(seed)
+        # No text encoders on a learner rank: conditionings come with the samples.
+        policy = _load_policy(model, image_size, with_lora=False, text_encoders=False)
+        on_gpu = next(policy.parameters()).device.type == "cuda"
+        os.environ.setdefault("DS_ACCELERATOR", "cuda" if on_gpu else "cpu")
         engine_class = self.engine_class or LearnerEngine
         self.engine = engine_class(
-            # No text encoders on a learner rank: conditionings come with the samples.
-            _load_policy(model, image_size, with_lora=False, text_encoders=False),
+            policy,
             cfg,
             sampling,
             seed,

@@ -175,6 +175,7 @@ def _eval_policy(cfg: RunConfig, args: argparse.Namespace) -> tuple[Any, str]:
 
 def run_eval(cfg: RunConfig, args: argparse.Namespace) -> int:
     """``elborl eval``: sample held-out prompts, verify, print JSON or a table."""
+    from policy.placement import resolve_device
     from rollout.evaluate import evaluate
 
     if args.num_images is not None and args.num_images < 1:
@@ -190,6 +191,11 @@ def run_eval(cfg: RunConfig, args: argparse.Namespace) -> int:
         else resolve_prompts(world, cfg.world.eval_prompts, "world.eval_prompts")
     )
     policy, checkpoint = _eval_policy(cfg, args)
+    try:
+        device = resolve_device(cfg.model.device)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    policy = policy.place(device, cfg.model.text_encoder_device)
     _setup_torch()
     eval_cfg = cfg.eval.model_copy(
         update={

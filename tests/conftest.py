@@ -53,3 +53,17 @@ def build_tiny(image_size: int, arch: dict[str, object]):  # type: ignore[no-unt
 
     model = ModelConfig(kind="tiny", checkpoint=None, arch=arch)
     return build_policy(model, image_size, ShapesWorld().vocabulary())
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``gpu`` tests run only where CUDA is present (skipped, with the reason, elsewhere)."""
+    gpu_items = [item for item in items if item.get_closest_marker("gpu") is not None]
+    if not gpu_items:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (gpu marker)")
+    for item in gpu_items:
+        item.add_marker(skip)

@@ -233,3 +233,80 @@ def _pack(x: torch.Tensor) -> torch.Tensor:
     b, c, h, w = x.shape
     x = x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
     return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+@pytest.mark.gpu
+def test_two_rounds_on_a_gpu_with_half_a_gpu_per_role(tmp_path: Path) -> None:
+    """Ray gives the rollout worker and the learner rank half a GPU each; both run on it
+    (``model.device = cuda`` fails at start-up otherwise) and the run trains as on the CPU."""
+    model_dir = save_tiny_sd3(tmp_path / "tiny-sd35", variant="sd35")
+    config = _sd3_config(tmp_path, model_dir, rounds=2)
+    gpus = ["model.device=cuda", "rollout.resources.num_gpus=0.5", "learner.resources.num_gpus=0.5"]
+    overrides = [arg for setting in gpus for arg in ("--set", setting)]
+    out = run_train(["--config", str(config), *overrides], timeout=600)
+    assert out.returncode == 0, out.stderr[-4000:]
+    rounds = metrics(tmp_path / "runs" / "t")
+    assert [r["round"] for r in rounds] == [1, 2]
+    assert all(math.isfinite(r["learner/loss"]) for r in rounds)
+    assert rounds[-1]["weights/version"] == 2
+
+
+def test_two_rounds_of_lora_on_a_tiny_sd15_under_guidance_and_its_export(tmp_path: Path) -> None:
+    """SD1.5 in the flow view: DPM2 rollouts on the trailing DDIM grid at CFG 4, the learner's
+    ELBO on the same grid (first ratio 1), and the exported LoRA reproduces the trained policy
+    in diffusers' DDIM pipeline."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from algo.samplers import sample
+    from learner.engine import read_trained_weights
+    from policy.base import guided_fn
+    from policy.config import LoraConfig, ModelConfig
+    from policy.io import model_from_config
+    from policy.lora import add_lora
+    from tests.fixtures.tiny_models import save_tiny_sd
+
+    model_dir = save_tiny_sd(tmp_path / "tiny-sd15")
+    cfg = tiny_config(
+        tmp_path,
+        model={"kind": "sd", "path": str(model_dir), "checkpoint": None, "lora": {"rank": 4}},
+        world={"image_size": 32},
+        rewards={"functions": [{"name": "jpeg_compressibility"}]},
+        rollout={"prompts_per_round": 2, "sampling": {"guidance": 4.0}},
+        eval={"max_prompts": 4},
+        learner={"lr": 3e-3},
+        train={"rounds": 2, "eval_every": 2, "checkpoint_every": 2, "sample_grid_every": 2},
+    )
+    out = run_train(["--config", str(cfg)], timeout=600)
+    assert out.returncode == 0, out.stderr[-4000:]
+    run = tmp_path / "runs" / "t"
+    rounds = metrics(run)
+    assert [r["round"] for r in rounds] == [1, 2] and "eval/accuracy" in rounds[-1]
+    assert rounds[0]["learner/ratio_max"] == pytest.approx(1.0, abs=1e-5)
+
+    _export(run, tmp_path / "lora")
+    model = ModelConfig(kind="sd", path=str(model_dir), lora=LoraConfig(rank=4))
+    policy = add_lora(model_from_config(model, 32), model.lora).eval()
+    ckpt = run / "checkpoints" / "round_00002" / "learner"
+    policy.load_state_dict(read_trained_weights(ckpt), strict=False)
+    noise = torch.randn((2, *policy.sample_shape), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        uncond = policy.encode_prompts([""] * 2)
+        fn = guided_fn(policy, policy.encode_prompts(PROMPTS), uncond, 4.0)
+        start = noise * policy.initial_noise_scale
+        ours = sample(fn, start, sampler="euler", num_steps=4, grid="sd_trailing").x0
+    pipe = StableDiffusionPipeline.from_pretrained(model_dir, local_files_only=True)
+    pipe.scheduler = DDIMScheduler.from_config(
+        pipe.scheduler.config, timestep_spacing="trailing", set_alpha_to_one=True
+    )
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(tmp_path / "lora")
+    theirs = pipe(
+        PROMPTS,
+        latents=noise,
+        height=32,
+        width=32,
+        num_inference_steps=4,
+        guidance_scale=4.0,
+        output_type="latent",
+    ).images
+    assert (ours - theirs).abs().max().item() <= 1e-4

@@ -23,6 +23,7 @@ PURE_MODULES = (
     "algo.trajectory",
     "algo.microbatch",
     "algo.samplers",
+    "algo.vp",
     "algo.seeds",
     "algo.registry",
 )
