@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -69,7 +70,7 @@ def save_sample_grid(
     return out
 
 
-def plot_curves(history: Sequence[dict[str, object]], path: str | Path) -> Path | None:
+def plot_curves(history: Sequence[dict[str, Any]], path: str | Path) -> Path | None:
     """Reward per round and held-out accuracy per evaluation, as one PNG (None if no data)."""
     import matplotlib
 
@@ -96,25 +97,30 @@ def plot_curves(history: Sequence[dict[str, object]], path: str | Path) -> Path 
     ax[0].set_xlabel("round")
     ax[0].legend()
     ax[0].set_title("training rollouts")
-    evals = [r for r in history if "eval/accuracy" in r]
-    ax[1].plot(
-        [r["round"] for r in evals],
-        [r["eval/accuracy"] for r in evals],
-        "o-",
-        label="held-out accuracy",
-    )
-    ax[1].plot(
-        [r["round"] for r in evals],
-        [r["eval/mean_reward"] for r in evals],
-        "s--",
-        label="held-out mean reward",
-    )
-    ax[1].set_xlabel("round (0 = the initial weights)")
-    ax[1].grid(alpha=0.3)  # autoscaled: changes of a few points are what RL makes here
-    ax[1].legend()
-    ax[1].set_title("held-out evaluation")
+    _plot_evals(ax[1], [r for r in history if "eval/accuracy" in r])
     fig.tight_layout()
     out = Path(path)
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def _plot_evals(ax: Any, evals: Sequence[dict[str, Any]]) -> None:
+    """Held-out curves: GenEval's overall score (the mean over categories) in bold and each
+    category thin, where the world reports categories; accuracy and mean reward otherwise."""
+    x = [r["round"] for r in evals]
+    cats = sorted({k for r in evals for k in r if k.startswith("eval/category_")})
+    if cats and all("eval/overall" in r for r in evals):
+        ax.plot(x, [r["eval/overall"] for r in evals], "o-", lw=2.6, color="k", label="overall")
+        for key in cats:
+            ys = [r.get(key, float("nan")) for r in evals]
+            ax.plot(x, ys, ".-", lw=1.2, alpha=0.8, label=key.removeprefix("eval/category_"))
+        ax.set_ylabel("held-out accuracy")
+        ax.legend(fontsize=7, ncol=2)
+    else:
+        ax.plot(x, [r["eval/accuracy"] for r in evals], "o-", label="held-out accuracy")
+        ax.plot(x, [r["eval/mean_reward"] for r in evals], "s--", label="held-out mean reward")
+        ax.legend()
+    ax.set_xlabel("round (0 = the initial weights)")
+    ax.grid(alpha=0.3)  # autoscaled: changes of a few points are what RL makes here
+    ax.set_title("held-out evaluation")
