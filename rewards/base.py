@@ -56,19 +56,19 @@ class Reward(ABC):
             raise ValueError(f"{images.shape[0]} images but {len(prompts)} prompts")
 
 
-REWARDS: Registry[Callable[[], Reward]] = Registry("reward", "rewards.functions[].name")
+REWARDS: Registry[Callable[..., Reward]] = Registry("reward", "rewards.functions[].name")
 """Built-in rewards by name (a factory each); the worlds' own rewards are added on first use."""
 
 
-def register(name: str) -> Callable[[Callable[[], Reward]], Callable[[], Reward]]:
+def register(name: str) -> Callable[[Callable[..., Reward]], Callable[..., Reward]]:
     """Class decorator: make a reward constructible by name from the config."""
     return REWARDS.register(name)
 
 
-_BUILTIN_MODULES = ("rewards.builtin",)
+_BUILTIN_MODULES = ("rewards.builtin", "rewards.remote")
 
 
-def _builtin() -> Registry[Callable[[], Reward]]:
+def _builtin() -> Registry[Callable[..., Reward]]:
     """The registry with the built-in rewards (imported by name on first use) in it."""
     for module in _BUILTIN_MODULES:
         importlib.import_module(module)
@@ -88,12 +88,28 @@ def build_reward(name: str, params: dict[str, Any] | None = None) -> Reward:
     job's ``working_dir`` or installed).
     """
     registry = _builtin()
-    if name in registry:
-        return registry.get(name)()
-    factory = registry.get(name)  # a `module:Class` path, imported (ValueError if unknown)
-    if not (isinstance(factory, type) and issubclass(factory, Reward)):
+    factory = registry.get(name)  # a `module:Class` path is imported (ValueError if unknown)
+    if name not in registry and not (isinstance(factory, type) and issubclass(factory, Reward)):
         raise ValueError(f"reward {name!r} is not a rewards.base.Reward subclass")
+    check_params(name, factory, params or {})
     reward = factory(**(params or {}))
     if not getattr(reward, "name", None):
         reward.name = name.partition(":")[2]
     return reward
+
+
+def check_params(name: str, factory: Callable[..., Reward], params: dict[str, Any]) -> None:
+    """``ValueError`` naming the reward and what it takes unless ``params`` fit its constructor."""
+    import inspect
+
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):  # a builtin without a signature: let the call decide
+        return
+    try:
+        signature.bind(**params)
+    except TypeError as exc:
+        takes = ", ".join(signature.parameters) or "no params"
+        raise ValueError(
+            f"reward {name!r}: params {sorted(params)}: {exc} (it takes: {takes})"
+        ) from None

@@ -23,8 +23,10 @@ class RewardSpec(Section):
     weight: float = Field(1.0, description="Weight of this reward in the total (dimensionless).")
     params: dict[str, Any] = Field(
         default_factory=dict,
-        description="Keyword arguments for a `module:Class` reward's constructor (none for "
-        "the built-ins).",
+        description="Keyword arguments of the reward's constructor: for `remote` its `url`, "
+        "`reward`, `token_env`/`token_file`, `timeout_s`, `max_batch`, `encoding`, `format`, "
+        "`concurrency`, `retries`, `deadline_s` (docs/reward-protocol.md); for a "
+        "`module:Class` reward its own; the other built-ins take none.",
     )
     range: tuple[float, float] | None = Field(
         None,
@@ -47,10 +49,10 @@ class RewardSpec(Section):
 
     @model_validator(mode="after")
     def _check(self) -> RewardSpec:
-        from rewards.base import reward_names
+        from rewards.base import REWARDS, check_params, reward_names
 
-        if self.params and self.name in reward_names():
-            raise ValueError(f"reward {self.name!r} takes no params")
+        if self.name in reward_names():
+            check_params(self.name, REWARDS.get(self.name), self.params)
         if self.range is not None and not self.range[0] < self.range[1]:
             raise ValueError(f"range {list(self.range)} must be [low, high] with low < high")
         return self

@@ -87,6 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, help="sampling seed (default: the config's seed)")
     p.add_argument(
+        "--rewards",
+        action="store_true",
+        help="score with the configured rewards (rewards.functions: the mean of each) instead "
+        "of the world's verifier; --prompts is then any text file, one prompt per line (e.g. a "
+        "real model's evaluation prompts)",
+    )
+    p.add_argument(
         "--grid",
         metavar="PNG",
         help="also save a grid of the first 32 images with prompts and scores",
@@ -121,6 +128,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--merged", action="store_true", help="merge LoRA into the weights")
     _add_config_args(p, default=None)
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser(
+        "reward-serve",
+        help="serve rewards over the elborl-reward/1 protocol",
+        description="Serve registered rewards (--reward NAME, repeatable; default: the config's "
+        "rewards.functions) over HTTP with the elborl-reward/1 protocol "
+        "(docs/reward-protocol.md). A bearer token is required (--token-env).",
+    )
+    _add_config_args(p)
+    p.add_argument("--reward", action="append", metavar="NAME", help="a reward to serve")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=18090, help="TCP port (default 18090)")
+    p.add_argument(
+        "--token-env",
+        default="ELBORL_REWARD_TOKEN",
+        metavar="VAR",
+        help="environment variable holding the bearer token (default ELBORL_REWARD_TOKEN)",
+    )
+    p.add_argument("--max-batch", type=int, default=64, help="images per request at most")
+    p.add_argument("--max-body-mb", type=float, default=256.0, help="request body limit, MB")
+    p.add_argument("--max-concurrency", type=int, default=1, help="batches scored at once")
+    p.set_defaults(func=_cmd_reward_serve)
 
     p = sub.add_parser("config", help="validate a configuration and print it fully resolved")
     _add_config_args(p)
@@ -213,6 +242,27 @@ def _cmd_export(args: argparse.Namespace, cfg: RunConfig) -> int:
     # The run's own configuration (plus --set), unless --config names another one.
     cfg = load_config(args.config or run / "config.yaml", args.overrides)
     return run_export(cfg, run, Path(args.out), args.round, args.merged)
+
+
+def _cmd_reward_serve(args: argparse.Namespace, cfg: RunConfig) -> int:
+    from rewards.config import RewardSpec
+    from services.reward_serve import serve_rewards
+
+    try:
+        specs = [RewardSpec(name=n) for n in args.reward] if args.reward else cfg.rewards.functions
+    except ValueError as exc:
+        raise ConfigError(f"--reward: {exc}") from exc
+    if not 0 <= args.port <= 65535:
+        raise ConfigError(f"--port must be in 0..65535, got {args.port}")
+    return serve_rewards(
+        specs,
+        args.host,
+        args.port,
+        args.token_env,
+        args.max_batch,
+        args.max_body_mb,
+        args.max_concurrency,
+    )
 
 
 def _cmd_train(args: argparse.Namespace, cfg: RunConfig) -> int:

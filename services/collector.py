@@ -127,7 +127,11 @@ class Collector:
     def _reward_done(self, st: _State, ref: ray.ObjectRef, call: _Call) -> None:
         ch = call.chunk
         try:
-            st.scored[ch.index] = ray.get(ref)
+            scored = ray.get(ref)
+            invalid = int((~scored.valid).sum())
+            if invalid:  # NaN / out-of-range / a remote reward's null: left out of the update
+                self.counters["invalid_scores"] += invalid
+            st.scored[ch.index] = scored
             return
         except ObjectLostError as exc:  # the rollout's images went with their node
             log.warning("chunk %d's images were lost (%s); generating them again", ch.index, exc)

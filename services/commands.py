@@ -13,10 +13,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from services.config import ConfigError, RunConfig
-from services.prompts import resolve_prompts
+from services.prompts import read_prompt_lines, resolve_prompts
 from worlds.base import make_world
 
 log = logging.getLogger("elborl")
@@ -185,11 +186,15 @@ def run_eval(cfg: RunConfig, args: argparse.Namespace) -> int:
     if args.pass_k is not None and args.pass_k < 1:
         raise ConfigError(f"--pass-k must be >= 1, got {args.pass_k}")
     world = make_world(cfg.world)
-    prompts = (
-        resolve_prompts(world, args.prompts, "--prompts")
-        if args.prompts
-        else resolve_prompts(world, cfg.world.eval_prompts, "world.eval_prompts")
-    )
+    if args.rewards and args.pass_k is not None:
+        raise ConfigError("--pass-k needs the world's verifier; drop it or drop --rewards")
+    if args.rewards and args.prompts:
+        prompts = read_prompt_lines(args.prompts, "--prompts")
+    elif args.prompts:
+        prompts = resolve_prompts(world, args.prompts, "--prompts")
+    else:
+        prompts = resolve_prompts(world, cfg.world.eval_prompts, "world.eval_prompts")
+    scorer = _reward_scorer(cfg) if args.rewards else None
     policy, checkpoint = _eval_policy(cfg, args)
     try:
         device = resolve_device(cfg.model.device)
@@ -210,6 +215,8 @@ def run_eval(cfg: RunConfig, args: argparse.Namespace) -> int:
     )
     seed = cfg.seed if args.seed is None else args.seed
     start = time.monotonic()
+    if scorer is not None:
+        return _reward_eval(policy, scorer, prompts, eval_cfg, seed, args, str(checkpoint))
     report = evaluate(policy, world, prompts, eval_cfg, seed=seed)
     summary = {
         **report.summary,
@@ -231,6 +238,86 @@ def run_eval(cfg: RunConfig, args: argparse.Namespace) -> int:
     else:
         _print_eval_table(summary)
     return 0
+
+
+def _reward_scorer(cfg: RunConfig) -> Any:
+    """The configured rewards, built (a missing reward or weight file fails here)."""
+    from rewards.pool import RewardScorer
+
+    try:
+        return RewardScorer(cfg.rewards.functions)
+    except ValueError as exc:
+        raise ConfigError(f"rewards.functions: {exc}") from exc
+
+
+def _reward_eval(
+    policy: Any,
+    scorer: Any,
+    prompts: list[str],
+    cfg: Any,
+    seed: int,
+    args: argparse.Namespace,
+    checkpoint: str,
+) -> int:
+    """``elborl eval --rewards``: ``images_per_prompt`` images of each prompt scored by every
+    configured reward; per reward the mean, standard deviation and valid fraction."""
+    from rollout.engine import RolloutImages
+    from rollout.generate import generate
+
+    start = time.monotonic()
+    chosen = prompts[: cfg.max_prompts] if cfg.max_prompts else prompts
+    texts = [p for p in chosen for _ in range(cfg.images_per_prompt)]
+    policy.eval()
+    out = generate(policy, texts, cfg.sampling, seed=seed, batch_size=cfg.batch_size)
+    ids = np.arange(len(texts))
+    scored = scorer.score(RolloutImages(ids, ids, texts, out.images, 0, 0.0))
+    per_reward = {}
+    for name, scores in scored.per_reward.items():
+        ok = np.isfinite(scores)
+        per_reward[name] = {
+            "mean": float(scores[ok].mean()) if ok.any() else float("nan"),
+            "std": float(scores[ok].std()) if ok.any() else float("nan"),
+            "valid": float(ok.mean()),
+        }
+    summary = {
+        "rewards": per_reward,
+        "total": float(scored.total[scored.valid].mean()) if scored.valid.any() else None,
+        "num_prompts": len(chosen),
+        "num_images": len(texts),
+        "checkpoint": checkpoint,
+        "seed": seed,
+        "sampler": cfg.sampling.sampler,
+        "num_steps": cfg.sampling.num_steps,
+        "seconds": round(time.monotonic() - start, 2),
+    }
+    if args.grid:
+        from services.viz import save_sample_grid
+
+        k = min(32, len(texts))
+        save_sample_grid(args.grid, out.images[:k], texts[:k], list(scored.total[:k]))
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        _print_reward_table(summary)
+    return 0
+
+
+def _print_reward_table(summary: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"elborl eval --rewards: {summary['checkpoint']}")
+    for column in ("reward", "mean", "std", "valid"):
+        table.add_column(column, justify="left" if column == "reward" else "right")
+    for name, row in summary["rewards"].items():
+        table.add_row(name, f"{row['mean']:.4f}", f"{row['std']:.4f}", f"{row['valid']:.0%}")
+    total = summary["total"]
+    table.add_row("weighted total", "-" if total is None else f"{total:.4f}", "", "")
+    Console(file=sys.stdout).print(table)
+    print(
+        f"{summary['num_prompts']} prompts, {summary['num_images']} images, "
+        f"{summary['sampler']} {summary['num_steps']} steps, {summary['seconds']:.1f} s"
+    )
 
 
 def _print_eval_table(summary: dict[str, Any]) -> None:

@@ -76,3 +76,21 @@ def resolve_prompts(world: World, spec: str, field: str) -> list[str]:
         return world.prompts(spec)
     except ValueError as exc:
         raise ConfigError(f"{field}: {exc}") from exc
+
+
+def read_prompt_lines(path: str, field: str) -> list[str]:
+    """A free-text prompt file (any model's prompts, no grammar): one prompt per line, blank
+    lines and lines starting with ``#`` skipped. ``ConfigError`` naming ``field`` and the file
+    (and line) when it cannot be read or holds no prompt."""
+    try:
+        text = Path(path).read_bytes().decode("utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{field}: cannot read prompt file {path!r}: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        line = Path(path).read_bytes().count(b"\n", 0, exc.start) + 1
+        raise ConfigError(f"{field}: {path}:{line}: prompt file is not valid UTF-8") from exc
+    prompts = [t.strip() for t in text.splitlines()]
+    prompts = [t for t in prompts if t and not t.startswith("#")]
+    if not prompts:
+        raise ConfigError(f"{field}: prompt file {path!r} holds no prompt (one per line)")
+    return prompts

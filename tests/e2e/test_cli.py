@@ -109,3 +109,45 @@ def test_eval_bad_prompts_file(tmp_path: Path) -> None:
 def test_eval_missing_checkpoint(tmp_path: Path) -> None:
     out = _run(["eval", "--checkpoint", str(tmp_path / "none")], timeout=60)
     assert out.returncode == 2 and "not a saved policy" in out.stderr
+
+
+def test_eval_with_rewards_on_a_real_model_and_a_free_text_prompt_file(tmp_path: Path) -> None:
+    """``elborl eval --rewards``: a tiny SD3.5 from its diffusers directory, prompts no
+    grammar parses, each configured reward's mean, a grid; a bad prompt file is named."""
+    import yaml
+
+    from tests.fixtures.tiny_models import save_tiny_sd3
+
+    model_dir = save_tiny_sd3(tmp_path / "sd35", "sd35")
+    config = tmp_path / "eval.yaml"
+    rewards = [{"name": "jpeg_compressibility"}, {"name": "jpeg_incompressibility", "weight": 0.5}]
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"kind": "sd3", "path": str(model_dir)},
+                "world": {"image_size": 32},
+                "rewards": {"functions": rewards},
+                "eval": {"images_per_prompt": 2, "sampling": {"sampler": "euler", "num_steps": 3}},
+            }
+        )
+    )
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# evaluation prompts\na photo of a cat\n\nan astronaut riding a horse\n")
+    grid = tmp_path / "grid.png"
+    base = ["eval", "--config", str(config), "--rewards", "--prompts", str(prompts)]
+    out = _run([*base, "--json", "--grid", str(grid)], timeout=300)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["num_prompts"] == 2 and result["num_images"] == 4
+    assert set(result["rewards"]) == {"jpeg_compressibility", "jpeg_incompressibility"}
+    for row in result["rewards"].values():
+        assert row["valid"] == 1.0 and row["std"] >= 0.0
+    means = {name: row["mean"] for name, row in result["rewards"].items()}
+    expected = means["jpeg_compressibility"] + 0.5 * means["jpeg_incompressibility"]
+    assert result["total"] == pytest.approx(expected, rel=1e-6)
+    assert grid.stat().st_size > 1000
+    table = _run(base, timeout=300)
+    assert table.returncode == 0 and "jpeg_compressibility" in table.stdout, table.stderr
+    prompts.write_text("# only a comment\n")
+    empty = _run(base, timeout=300)
+    assert empty.returncode == 2 and "holds no prompt" in empty.stderr, empty.stderr
