@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from rewards.config import RewardSpec
+from services.api.hardening import HardenedHTTP
 from services.config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,7 @@ def serve_rewards(
     if host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving rewards on %s: reachable beyond this machine (token required)", host)
     app = create_app(backends, token, int(max_body_mb * 2**20), max_concurrency=max_concurrency)
+    app.add_middleware(HardenedHTTP)  # as the status service: HEAD, security headers
     log.info("serving rewards %s on http://%s:%d", [b.name for b in backends], host, port)
     uvicorn.run(app, host=host, port=port, log_level="warning")
     return 0

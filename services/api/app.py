@@ -21,6 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from services.api.auth import BearerAuth
 from services.api.control import request_stop
+from services.api.hardening import HardenedHTTP, method_label, printable
 from services.api.models import (
     ErrorBody,
     Health,
@@ -73,8 +74,10 @@ def create_app(runs_dir: str | Path, token: str, cors_origins: Sequence[str] = (
         response = await call_next(request)
         route = request.scope.get("route")
         template = getattr(route, "path", "unmatched")
-        requests.labels(request.method, template, str(response.status_code)).inc()
+        requests.labels(method_label(request.method), template, str(response.status_code)).inc()
         return response
+
+    app.add_middleware(HardenedHTTP)  # outermost: HEAD as GET, security headers
 
     @app.get("/healthz", tags=["health"])
     def healthz() -> Health:
@@ -184,7 +187,7 @@ def _add_run_routes(app: FastAPI, reader: RunsReader, auth: list[Any]) -> None:
         if state not in ("starting", "running", "stopping"):
             raise HTTPException(status_code=409, detail=f"run {run_id!r} is {state}, not running")
         requested_at = request_stop(path, source="api")
-        log.info("stop requested for run %s", run_id)
+        log.info("stop requested for run %s", printable(run_id))
         return StopAccepted(
             run_id=run_id,
             state="stopping",

@@ -8,6 +8,8 @@ import secrets
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from services.api.hardening import method_label, printable
+
 log = logging.getLogger("elborl.api")
 _bearer = HTTPBearer(auto_error=False, description="The token from $ELBORL_TOKEN or a file.")
 
@@ -34,5 +36,9 @@ class BearerAuth:
             )
         if not secrets.compare_digest(credentials.credentials.encode(), self._token):
             # Method and path only: never the header, never the query string.
-            log.warning("rejected %s %s: wrong token", request.method, request.url.path)
+            log.warning(
+                "rejected %s %s: wrong token",
+                method_label(request.method),
+                printable(request.url.path),
+            )
             raise HTTPException(status_code=403, detail="invalid token")

@@ -79,6 +79,10 @@ class RunDetail(RunSummary):
     samples_trained: int | None = Field(description="Samples trained on since the run began.")
     workers: list[RoleHealth] = Field(description="Worker health per role.")
     service_url: str | None = Field(description="Where the driver serves this API, if it does.")
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="Alarms raised during the run, e.g. the reward-hacking guard's (`guard`).",
+    )
     config: dict[str, Any] = Field(
         description="A summary of the run's configuration (model, sizes, loss, schedule)."
     )

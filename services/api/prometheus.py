@@ -69,7 +69,12 @@ class RunsCollector(Collector):
         restarts = CounterMetricFamily(
             "elborl_worker_restarts", "Restarts of the role's actors.", labels=["run", "role"]
         )
+        warnings = GaugeMetricFamily(
+            "elborl_warnings", "Alarms raised in the run (e.g. the reward-hacking guard's).",
+            labels=["run"],
+        )  # fmt: skip
         for d in details:
+            warnings.add_metric([d.run_id], float(len(d.warnings)))
             for s in get_args(RunState):
                 state.add_metric([d.run_id, s], float(d.state == s))
             for w in d.workers:
@@ -77,7 +82,7 @@ class RunsCollector(Collector):
                 restarts.add_metric([d.run_id, w.role], w.restarts)
                 if w.alive is not None:
                     alive.add_metric([d.run_id, w.role], w.alive)
-        yield from (state, workers, alive, restarts)
+        yield from (state, workers, alive, restarts, warnings)
 
 
 def make_registry(reader: RunsReader) -> tuple[CollectorRegistry, Counter]:

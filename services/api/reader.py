@@ -142,6 +142,7 @@ class RunsReader:
             samples_trained=_int(st.get("samples_trained", last.get("perf/samples_trained_total"))),
             workers=_workers(st.get("workers")),
             service_url=st.get("service_url") if isinstance(st.get("service_url"), str) else None,
+            warnings=[w for w in st.get("warnings") or [] if isinstance(w, str)],
             config={k: v for k in CONFIG_SUMMARY if (v := _dig(config, k)) is not None},
         )
 
@@ -234,8 +235,12 @@ class RunsReader:
     def grid_file(self, run_id: str, file_name: str) -> Path | None:
         if not GRID_NAME.match(file_name):
             return None
-        png = self.root / run_id / "samples" / file_name
-        return png if png.is_file() else None
+        samples = self.root / run_id / "samples"
+        png = samples / file_name
+        # Only a regular file written there: never a symlink out of the run directory.
+        if png.is_symlink() or samples.is_symlink() or not png.is_file():
+            return None
+        return png
 
 
 # ---------------------------------------------------------------------- helpers

@@ -33,6 +33,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 TOKEN = "test-token-" + "k3Jx9" * 6
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
+API_RUNS = "/api/v1/runs"
 
 
 def _write_run(root: Path, name: str, state: str, rounds: int = 3, **status: Any) -> Path:
@@ -349,3 +350,46 @@ def test_schemathesis_finds_no_server_errors(runs: Path) -> None:
             case.call_and_validate(headers=AUTH)
 
         check()
+
+
+def test_made_up_methods_do_not_grow_the_metrics(client: TestClient) -> None:
+    for i in range(30):
+        client.request(f"ZZPROBE{i}", "/healthz")
+    text = client.get("/metrics", headers=AUTH).text
+    methods = set(re.findall(r'elborl_api_requests_total\{method="([^"]*)"', text))
+    assert "OTHER" in methods and methods <= {"GET", "HEAD", "POST", "OTHER"}
+    assert "ZZPROBE" not in text
+
+
+def test_head_is_answered_where_get_is(client: TestClient) -> None:
+    for path, headers in (("/healthz", {}), (f"{API_RUNS}", AUTH), ("/", {})):
+        get, head = client.get(path, headers=headers), client.head(path, headers=headers)
+        assert head.status_code == get.status_code == 200, path
+        assert head.content == b"" and head.headers["content-length"] == str(len(get.content))
+
+
+def test_every_response_carries_the_security_headers(client: TestClient) -> None:
+    for resp in (client.get("/"), client.get("/healthz"), client.get(API_RUNS)):  # 200 and 401
+        assert resp.headers["x-frame-options"] == "DENY"
+        assert "frame-ancestors 'none'" in resp.headers["content-security-policy"]
+        assert "script-src 'self'" in resp.headers["content-security-policy"]
+        assert resp.headers["x-content-type-options"] == "nosniff"
+
+
+def test_a_symlink_in_samples_is_not_served(client: TestClient, runs: Path, tmp_path: Path) -> None:
+    secret = tmp_path / "secret.png"
+    secret.write_bytes(b"\x89PNG not for you")
+    (runs / "live" / "samples" / "round_00099.png").symlink_to(secret)
+    resp = client.get(f"{API_RUNS}/live/samples/round_00099.png", headers=AUTH)
+    assert resp.status_code == 404
+    assert client.get(f"{API_RUNS}/live/samples/round_00003.png", headers=AUTH).status_code == 200
+
+
+def test_terminal_escapes_in_a_request_never_reach_the_log(
+    client: TestClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="elborl.api"):
+        resp = client.get(f"{API_RUNS}/%1b%5b31mred%1b%5b0m", headers={"Authorization": "Bearer x"})
+    assert resp.status_code == 403
+    assert caplog.records and all("\x1b" not in r.getMessage() for r in caplog.records)
+    assert "\\x1b[31mred" in caplog.records[-1].getMessage()

@@ -83,6 +83,10 @@ function renderStatus(d) {
   const err = $("error");
   err.hidden = !d.error;
   err.textContent = d.error ? `Error: ${d.error}` : "";
+  const warn = $("warnings");
+  const warnings = d.warnings || [];
+  warn.hidden = warnings.length === 0;
+  warn.textContent = warnings.map((w) => `Warning: ${w}`).join("\n");
 
   setText("round", d.round);
   setText("total", d.total_rounds ?? "?");
