@@ -7,13 +7,14 @@ Each reward is also reported on its own so the metrics show what moved.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
 
 from rewards.base import build_reward
 from rewards.config import RewardSpec
+from rewards.diversity import group_diversity
 
 
 class RolloutImagesLike(Protocol):
@@ -46,6 +47,8 @@ class ScoredBatch:
     seconds: float
     rollout_seconds: float
     valid: np.ndarray  # (B,) bool: every reward finite and within its range
+    diversity: dict[int, tuple[float, int]] = field(default_factory=dict)
+    """Per prompt group of the batch: its images' mean pairwise distance and pair count."""
 
 
 class RewardScorer:
@@ -88,4 +91,5 @@ class RewardScorer:
             time.monotonic() - start,
             batch.seconds,
             valid,
+            group_diversity(batch.images, np.asarray(batch.group_ids)),
         )

@@ -51,6 +51,11 @@ def evaluate(
         out = generate(policy, texts, cfg.sampling, seed=seed, batch_size=cfg.batch_size)
     finally:
         policy.train(was_training)
+    if not world.verifies:  # scored by the eval rewards (services) alone
+        if cfg.pass_k:
+            raise ValueError(f"pass@k needs a verifier; the {world.name!r} world has none")
+        summary: dict[str, Any] = {"num_prompts": len(chosen), "num_images": len(texts)}
+        return EvalReport(summary=summary, prompts=texts, images=out.images, results=[])
     results = world.verify(out.images, texts)
     summary = world.summarize(results, texts)
     summary["num_prompts"] = len(chosen)

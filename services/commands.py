@@ -186,6 +186,11 @@ def run_eval(cfg: RunConfig, args: argparse.Namespace) -> int:
     if args.pass_k is not None and args.pass_k < 1:
         raise ConfigError(f"--pass-k must be >= 1, got {args.pass_k}")
     world = make_world(cfg.world)
+    if not world.verifies and not args.rewards:
+        raise ConfigError(
+            f"world.name = {cfg.world.name} has no verifier: pass --rewards (the images are "
+            "scored by rewards.functions)"
+        )
     if args.rewards and args.pass_k is not None:
         raise ConfigError("--pass-k needs the world's verifier; drop it or drop --rewards")
     if args.rewards and args.prompts:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import Field, SerializeAsAny, ValidationError, field_validator, model_validator
@@ -83,6 +83,44 @@ class TrainConfig(_Section):
     )
 
 
+class GuardConfig(_Section):
+    """A guard against reward hacking: the training reward rising while a watched held-out
+    metric falls, evaluation after evaluation."""
+
+    watch: list[str] = Field(
+        default_factory=list,
+        description="Held-out metrics to watch, e.g. `eval/reward_aesthetic` (from "
+        "eval.rewards) or `eval/overall`; empty = the guard is off.",
+    )
+    train_metric: str = Field(
+        "reward/mean",
+        description="The training metric whose rise is compared, averaged over the rounds "
+        "between two evaluations.",
+    )
+    patience: PositiveInt = Field(
+        2,
+        description="Consecutive evaluations at which the training metric rose and a watched "
+        "one fell before the guard fires.",
+    )
+    min_change: float = Field(
+        0.0, ge=0, description="Changes of at most this size (either metric) do not count."
+    )
+    action: Literal["warn", "stop"] = Field(
+        "warn",
+        description="`warn`: a log line, the status API's `warnings`, the `guard/alarm` metric "
+        "and Prometheus' `elborl_warnings`; `stop`: also stop the run gracefully (the round in "
+        "flight finishes and is checkpointed).",
+    )
+
+    @field_validator("watch")
+    @classmethod
+    def _held_out(cls, v: list[str]) -> list[str]:
+        bad = [k for k in v if not k.startswith("eval/")]
+        if bad:
+            raise ValueError(f"guard.watch takes held-out metrics (eval/...), not {bad}")
+        return v
+
+
 class FaultsConfig(_Section):
     """What the run tolerates before it stops (docs/reliability.md)."""
 
@@ -143,6 +181,19 @@ class ServiceConfig(_Section):
     )
 
 
+class EvalSettings(EvalConfig):
+    """Held-out evaluation: the rollout worker's sampling settings, plus the rewards the
+    driver watches on the held-out images."""
+
+    rewards: list[RewardSpec] = Field(
+        default_factory=list,
+        description="Rewards scored on every held-out evaluation's images besides the world's "
+        "verifier (for a world without one, e.g. `text`, instead of it), logged as "
+        "`eval/reward_<name>` (the mean over valid scores): watch rewards you do not train "
+        "on, e.g. an aesthetic score and CLIP score while training on PickScore.",
+    )
+
+
 class RunConfig(_Section):
     """A whole run. Sections are handed to the role that needs them and nothing more."""
 
@@ -165,12 +216,15 @@ class RunConfig(_Section):
     )
     model: ModelConfig = Field(default_factory=ModelConfig, description="Policy model.")
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig, description="Pretraining.")
-    eval: EvalConfig = Field(default_factory=EvalConfig, description="Held-out evaluation.")
+    eval: EvalSettings = Field(
+        default_factory=lambda: EvalSettings(), description="Held-out evaluation."
+    )
     rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="Rollout workers.")
     rewards: RewardsConfig = Field(default_factory=RewardsConfig, description="Reward pool.")
     learner: LearnerConfig = Field(default_factory=LearnerConfig, description="Learner.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="RL loop.")
     faults: FaultsConfig = Field(default_factory=FaultsConfig, description="Fault tolerance.")
+    guard: GuardConfig = Field(default_factory=GuardConfig, description="Reward-hacking guard.")
     service: ServiceConfig = Field(default_factory=ServiceConfig, description="Status service.")
 
     @field_validator("world", mode="before")

@@ -37,9 +37,11 @@ from tqdm.auto import tqdm
 
 from algo.seeds import EVAL_OFFSET, LEARNER_INDEX, round_seed
 from learner.engine import FirstRatioError
+from rewards.diversity import group_diversity, mean_diversity
+from rewards.pool import RewardScorer
 from services import rounds
 from services.actors import LearnerWorker, RewardWorker, RolloutWorker
-from services.api.control import stop_requested
+from services.api.control import request_stop, stop_requested
 from services.collector import Collector
 from services.config import RunConfig
 from services.errors import LearnerLost, RunStopped
@@ -51,6 +53,7 @@ from services.rounds import PendingRound
 from services.run import RunDir, read_driver_state
 from services.status import Pace, update_status
 from services.viz import plot_curves, save_sample_grid
+from services.watch import RewardHackingGuard, score_held_out
 
 log = logging.getLogger("elborl.driver")
 
@@ -115,6 +118,14 @@ class Controller:
         self.checkpointed = 0  # the round of the newest checkpoint written by this process
         self.interrupted: str | None = None  # the signal's name once SIGTERM/SIGINT arrived
         self.groups: list[RoleGroup] = []
+        # eval.rewards, scored here on the held-out images (a remote one connects now).
+        self.eval_scorer = RewardScorer(cfg.eval.rewards) if cfg.eval.rewards else None
+        g = cfg.guard
+        self.guard = (
+            RewardHackingGuard(g.watch, g.train_metric, g.patience, g.min_change)
+            if g.watch
+            else None
+        )
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> bool:
@@ -337,14 +348,23 @@ class Controller:
             self.rollouts.replace(0)
             result = ray.get(self.rollouts[0].evaluate.remote(*args), timeout=self.timeout)
         self._learner_get(refs[1:], "gathering the current weights")
+        out = eval_metrics(result.summary)
+        by_prompt = np.unique(np.asarray(result.prompts), return_inverse=True)[1]
+        diversity = mean_diversity([group_diversity(result.images, by_prompt)])
+        if np.isfinite(diversity):  # images per held-out prompt >= 2
+            out["eval/diversity"] = diversity
+        scores = list(result.scores)
+        if self.eval_scorer is not None:  # eval.rewards: watched on the held-out images
+            watched = score_held_out(self.eval_scorer, result.images, result.prompts)
+            out.update(watched.metrics)
+            scores = scores or list(watched.total)
         k = min(32, len(result.prompts))
         self._save_grid(
             self.run_dir.path / "samples" / f"eval_round_{round_:05d}.png",
             result.images[:k],
             result.prompts[:k],
-            result.scores[:k],
+            scores[:k] if scores else [float("nan")] * k,
         )
-        out = eval_metrics(result.summary)
         out["timing/eval"] = time.monotonic() - start
         return out
 
@@ -383,6 +403,7 @@ class Controller:
         self.run_dir.log_ledger(r, rounds.ledger(pending.chunks, scored, plan.keep))
         if _due(t.eval_every, r, last):
             metrics.update(self.evaluate(r))
+        self._watch(r, metrics)
         if _due(t.sample_grid_every, r, last):
             self._sample_grid(pending, scored, r)
         self.round = r
@@ -462,7 +483,20 @@ class Controller:
             nodes={g.role: list(g.nodes) for g in self.groups},
             samples_scored=self.stats["scored"],
             samples_trained=self.stats["trained"],
+            warnings=self.guard.alarms if self.guard is not None else [],
         )
+
+    def _watch(self, r: int, metrics: dict[str, Any]) -> None:
+        """The reward-hacking guard (``guard``) on round ``r``'s metrics."""
+        if self.guard is None:
+            return
+        alarm = self.guard.observe(r, metrics)
+        metrics["guard/alarm"] = float(alarm is not None)
+        if alarm is None:
+            return
+        log.warning("%s (guard.action = %s)", alarm, self.cfg.guard.action)
+        if self.cfg.guard.action == "stop":
+            request_stop(self.run_dir.path, source="guard")
 
     def health(self) -> dict[str, dict[str, Any]]:
         """Per role: workers, alive, restarts and nodes, from each group's own records."""
@@ -472,8 +506,10 @@ class Controller:
     def _evaluate_start(self) -> None:
         if self.round == 0 and self.cfg.train.eval_at_start:
             start = self.evaluate(0)
+            if self.guard is not None:
+                self.guard.observe(0, start)  # the base model: the guard's first point
             self.run_dir.log_metrics(0, start)
-            log.info("round 0 (initial weights): held-out acc %.3f", start["eval/accuracy"])
+            log.info("round 0 (initial weights): %s", _eval_line(start))
 
     def _progress_bar(self) -> Any:
         total = self.cfg.train.rounds
@@ -533,7 +569,10 @@ class Controller:
 
 
 def eval_metrics(summary: dict[str, Any]) -> dict[str, float]:
-    """``eval/`` metrics of a world's evaluation summary."""
+    """``eval/`` metrics of a world's evaluation summary (none of the verifier's for a world
+    without one: its held-out metrics are the eval rewards')."""
+    if "accuracy" not in summary:
+        return {}
     out = {
         "eval/accuracy": summary["accuracy"],
         "eval/mean_reward": summary["mean_reward"],
@@ -545,8 +584,17 @@ def eval_metrics(summary: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def _eval_line(m: dict[str, Any]) -> str:
+    """The held-out figures of a log line: accuracy, else the watched rewards."""
+    if "eval/accuracy" in m:
+        return f"held-out acc {m['eval/accuracy']:.3f}"
+    watched = [f"{k[12:]} {v:.4g}" for k, v in m.items() if k.startswith("eval/reward_")]
+    return "held-out " + ", ".join(watched) if watched else "held-out evaluation done"
+
+
 def _log_round(r: int, total: int, m: dict[str, Any]) -> None:
-    acc = f", held-out acc {m['eval/accuracy']:.3f}" if "eval/accuracy" in m else ""
+    evaluated = any(k.startswith("eval/") and k != "eval/reward_valid_fraction" for k in m)
+    acc = f", {_eval_line(m)}" if evaluated else ""
     log.info(
         "round %d/%d: reward %.3f +- %.3f%s, %.1f img/s, rollout %.1fs reward %.2fs "
         "learner %.1fs publish %.2fs",

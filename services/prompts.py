@@ -80,17 +80,12 @@ def resolve_prompts(world: World, spec: str, field: str) -> list[str]:
 
 def read_prompt_lines(path: str, field: str) -> list[str]:
     """A free-text prompt file (any model's prompts, no grammar): one prompt per line, blank
-    lines and lines starting with ``#`` skipped. ``ConfigError`` naming ``field`` and the file
-    (and line) when it cannot be read or holds no prompt."""
+    lines and lines starting with ``#`` skipped (``worlds.text.world.read_prompt_file``).
+    ``ConfigError`` naming ``field`` and the file (and line) when it cannot be read or holds no
+    prompt."""
+    from worlds.text.world import read_prompt_file
+
     try:
-        text = Path(path).read_bytes().decode("utf-8")
-    except OSError as exc:
-        raise ConfigError(f"{field}: cannot read prompt file {path!r}: {exc}") from exc
-    except UnicodeDecodeError as exc:
-        line = Path(path).read_bytes().count(b"\n", 0, exc.start) + 1
-        raise ConfigError(f"{field}: {path}:{line}: prompt file is not valid UTF-8") from exc
-    prompts = [t.strip() for t in text.splitlines()]
-    prompts = [t for t in prompts if t and not t.startswith("#")]
-    if not prompts:
-        raise ConfigError(f"{field}: prompt file {path!r} holds no prompt (one per line)")
-    return prompts
+        return read_prompt_file(path)
+    except ValueError as exc:
+        raise ConfigError(f"{field}: {exc}") from exc

@@ -18,6 +18,7 @@ import torch
 
 from algo.advantages import AdvantageConfig, compute_advantages
 from algo.seeds import round_seed
+from rewards.diversity import mean_diversity
 from services.prompts import RoundPrompts
 
 
@@ -150,6 +151,9 @@ def reward_metrics(scored: list[Any]) -> dict[str, float]:
         out[f"reward/{name}"] = float(vals.mean()) if vals.size else float("nan")
     if scored[0].passed is not None:
         out["reward/accuracy"] = float(np.concatenate([s.passed for s in scored])[valid].mean())
+    parts = [s.diversity for s in scored if getattr(s, "diversity", None)]
+    if parts:  # how different the K images of a prompt are (0: one image K times)
+        out["reward/diversity"] = mean_diversity(parts)
     return out
 
 

@@ -97,7 +97,7 @@ def plot_curves(history: Sequence[dict[str, Any]], path: str | Path) -> Path | N
     ax[0].set_xlabel("round")
     ax[0].legend()
     ax[0].set_title("training rollouts")
-    _plot_evals(ax[1], [r for r in history if "eval/accuracy" in r])
+    _plot_evals(ax[1], [r for r in history if any(k.startswith("eval/") for k in r)])
     fig.tight_layout()
     out = Path(path)
     fig.savefig(out, dpi=110)
@@ -117,10 +117,18 @@ def _plot_evals(ax: Any, evals: Sequence[dict[str, Any]]) -> None:
             ax.plot(x, ys, ".-", lw=1.2, alpha=0.8, label=key.removeprefix("eval/category_"))
         ax.set_ylabel("held-out accuracy")
         ax.legend(fontsize=7, ncol=2)
-    else:
+    elif all("eval/accuracy" in r for r in evals):
         ax.plot(x, [r["eval/accuracy"] for r in evals], "o-", label="held-out accuracy")
         ax.plot(x, [r["eval/mean_reward"] for r in evals], "s--", label="held-out mean reward")
         ax.legend()
+    watched = sorted({k for r in evals for k in r if k.startswith("eval/reward_")})
+    watched = [k for k in watched if k != "eval/reward_valid_fraction"]
+    if watched:  # eval.rewards: on a second axis beside the verifier's curves, or alone
+        wax = ax.twinx() if any("eval/accuracy" in r for r in evals) else ax
+        for key in watched:
+            ys = [r.get(key, float("nan")) for r in evals]
+            wax.plot(x, ys, "^:", label=key.removeprefix("eval/"))
+        wax.legend(fontsize=7, loc="lower right")
     ax.set_xlabel("round (0 = the initial weights)")
     ax.grid(alpha=0.3)  # autoscaled: changes of a few points are what RL makes here
     ax.set_title("held-out evaluation")

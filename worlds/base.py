@@ -63,6 +63,8 @@ class World(ABC):
     config_class: ClassVar[type[WorldConfig]] = WorldConfig
     rewards: ClassVar[dict[str, Callable[[Verdict], float]]] = {}
     """Rewards this world provides, by reward name: a score from each image's verdict."""
+    verifies: ClassVar[bool] = True
+    """Whether ``verify`` judges images (False: the rewards alone score them, e.g. `text`)."""
 
     def __init__(self, cfg: WorldConfig | None = None):
         if cfg is None:
@@ -126,7 +128,7 @@ def register_world(cls: type[World]) -> type[World]:
     return cls
 
 
-_BUILTIN_WORLDS = ("worlds.shapes.world",)
+_BUILTIN_WORLDS = ("worlds.shapes.world", "worlds.text.world")
 
 
 def world_class(name: str) -> type[World]:

@@ -21,7 +21,6 @@ weights). It binds 127.0.0.1 unless ``--host`` says otherwise and refuses to sta
 token. Request bodies are never unpickled; images are raw uint8 or PNG, never JPEG.
 """
 
-
 import argparse
 import asyncio
 import base64
@@ -239,6 +238,59 @@ def reward_info(backend: Any) -> dict[str, Any]:
     }
 
 
+def _error_responses() -> dict[str, Any]:
+    body = {"content": {JSON: {"schema": {"type": "object", "properties": {
+        "protocol": {"type": "string"}, "error": {"type": "string"}}}}}}  # fmt: skip
+    meaning = {
+        "400": "the request breaks the protocol (the error names the field)",
+        "401": "no bearer token",
+        "403": "wrong token",
+        "413": "body over the limit, or more images than max_batch",
+        "429": "busy: retry after Retry-After seconds",
+        "500": "the reward backend failed",
+        "503": "not ready: retry after Retry-After seconds",
+    }
+    return {code: {"description": text, **body} for code, text in meaning.items()}
+
+
+SCORE_OPENAPI: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            JSON: {
+                "schema": {
+                    "type": "object",
+                    "required": ["protocol", "prompts", "images"],
+                    "properties": {
+                        "protocol": {"type": "string", "enum": [PROTOCOL]},
+                        "request_id": {"type": "string"},
+                        "reward": {"type": "string"},
+                        "prompts": {"type": "array", "items": {"type": "string"}},
+                        "images": {
+                            "type": "object",
+                            "required": ["encoding", "data"],
+                            "properties": {
+                                "encoding": {"type": "string", "enum": ["raw", "png"]},
+                                "shape": {"type": "array", "items": {"type": "integer"}},
+                                "dtype": {"type": "string", "enum": ["uint8"]},
+                                "data": {},
+                            },
+                        },
+                        "metadata": {"type": "array", "items": {"type": "object"}},
+                        "params": {"type": "object"},
+                    },
+                }
+            },
+            MSGPACK: {"schema": {"type": "string", "format": "binary"}},
+        },
+    },
+    "responses": {
+        "200": {"description": "scores (null: not computable) and details, one per image"},
+        **_error_responses(),
+    },
+}
+
+
 def create_app(
     backends: Sequence[Any],
     token: str,
@@ -289,7 +341,7 @@ def create_app(
             chunks.append(chunk)
         return b"".join(chunks)
 
-    @app.get("/v1/health")
+    @app.api_route("/v1/health", methods=["GET", "HEAD"])
     async def health() -> dict[str, str]:
         return {"status": "ok", "protocol": PROTOCOL}
 
@@ -300,7 +352,7 @@ def create_app(
             return denied
         return {"protocol": PROTOCOL, "rewards": [reward_info(b) for b in served.values()]}
 
-    @app.post("/v1/score")
+    @app.post("/v1/score", openapi_extra=SCORE_OPENAPI)
     async def score(request: Request) -> Any:
         denied = authorised(request)
         if denied is not None:

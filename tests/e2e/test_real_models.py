@@ -26,9 +26,12 @@ pytestmark = pytest.mark.e2e
 PROMPTS = ["a red circle", "two blue squares"]
 
 
-def _sd3_config(tmp: Path, model_dir: Path, rounds: int, **extra: dict[str, Any]) -> Path:
+def _sd3_config(
+    tmp: Path, model_dir: Path, rounds: int, name: str = "t", **extra: dict[str, Any]
+) -> Path:
     return tiny_config(
         tmp,
+        name=name,
         model={"kind": "sd3", "path": str(model_dir), "checkpoint": None, "lora": {"rank": 4}},
         world={"image_size": 32},
         # A reward that varies on a random model (the shapes verifier would give all zeros).
@@ -88,6 +91,20 @@ def test_two_rounds_of_lora_on_a_tiny_sd35_then_resume(sd35_run: tuple[Path, Pat
     assert [s["resume"] for s in starts] == [False, True]
     assert "transformer/config.json" in starts[0]["model"]["files"]
     assert starts[0]["packages"]["diffusers"] and starts[0]["config_sha256"]
+
+
+def test_the_resumed_run_equals_a_straight_one(sd35_run: tuple[Path, Path]) -> None:
+    """Round 3 after ``--resume`` from round 2's checkpoint is round 3 of an uninterrupted run:
+    the same rollouts, rewards and update (LoRA adapters, old policy and optimizer restored)."""
+    run, model_dir = sd35_run
+    tmp = run.parent.parent
+    straight = run_train(["--config", str(_sd3_config(tmp, model_dir, 3, name="s"))], timeout=600)
+    assert straight.returncode == 0, straight.stderr[-4000:]
+    resumed, whole = metrics(run)[-1], metrics(tmp / "runs" / "s")[-1]
+    assert resumed["round"] == whole["round"] == 3
+    keys = [k for k in whole if k.startswith(("reward/", "learner/loss", "learner/ratio", "eval/"))]
+    assert "learner/loss" in keys and "reward/mean" in keys
+    assert {k: resumed[k] for k in keys} == {k: whole[k] for k in keys}
 
 
 def test_an_incomplete_model_directory_fails_before_any_actor_starts(tmp_path: Path) -> None:
@@ -310,3 +327,36 @@ def test_two_rounds_of_lora_on_a_tiny_sd15_under_guidance_and_its_export(tmp_pat
         output_type="latent",
     ).images
     assert (ours - theirs).abs().max().item() <= 1e-4
+
+
+def test_a_tiny_sd35_on_free_text_prompts_watched_by_held_out_rewards(tmp_path: Path) -> None:
+    """The `text` world: prompts from files no grammar parses, trained on one reward, held
+    out evaluated by others (eval.rewards) in the driver: eval/reward_<name> each evaluation."""
+    model_dir = save_tiny_sd3(tmp_path / "tiny-sd35", variant="sd35")
+    train, held = tmp_path / "train.txt", tmp_path / "held.txt"
+    train.write_text("a photo of a bench\na dog on a skateboard\n# a comment\n")
+    held.write_text("an astronaut riding a horse\na red car\n")
+    cfg = tiny_config(
+        tmp_path,
+        model={"kind": "sd3", "path": str(model_dir), "checkpoint": None, "lora": {"rank": 4}},
+        world={
+            "name": "text",
+            "image_size": 32,
+            "train_prompts": str(train),
+            "eval_prompts": str(held),
+        },
+        rewards={"functions": [{"name": "jpeg_compressibility"}]},
+        rollout={"prompts_per_round": 2},
+        eval={"rewards": [{"name": "jpeg_incompressibility"}, {"name": "jpeg_compressibility"}]},
+        train={"rounds": 2, "eval_every": 2, "eval_at_start": True},
+    )
+    out = run_train(["--config", str(cfg)], timeout=600)
+    assert out.returncode == 0, out.stderr[-4000:]
+    run = tmp_path / "runs" / "t"
+    evals = [r for r in metrics(run, include_start=True) if "eval/reward_valid_fraction" in r]
+    assert [r["round"] for r in evals] == [0, 2]
+    for r in evals:
+        assert "eval/accuracy" not in r and r["eval/reward_valid_fraction"] == 1.0
+        inc, comp = r["eval/reward_jpeg_incompressibility"], r["eval/reward_jpeg_compressibility"]
+        assert inc > 0 and comp == pytest.approx(-inc)  # plus and minus the JPEG kB
+    assert (run / "samples" / "eval_round_00002.png").is_file() and (run / "curves.png").is_file()

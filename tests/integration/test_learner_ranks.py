@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -36,7 +37,13 @@ def _data() -> tuple[list[RolloutSamples], np.ndarray]:
     return [RolloutSamples(ids[s], ids[s] // 4, prompts[s], x0[s], 0, 0.0) for s in halves], adv
 
 
-def _update(world: int, zero_stage: int, keep: np.ndarray) -> dict[str, np.ndarray]:
+def _update(
+    world: int,
+    zero_stage: int,
+    keep: np.ndarray,
+    model: ModelConfig | None = None,
+    data: tuple[list[RolloutSamples], np.ndarray] | None = None,
+) -> dict[str, np.ndarray]:
     cfg = LearnerConfig(
         num_workers=world,
         microbatch_size=4,
@@ -53,7 +60,7 @@ def _update(world: int, zero_stage: int, keep: np.ndarray) -> dict[str, np.ndarr
         [
             lw.setup.remote(
                 master,
-                ModelConfig(checkpoint=str(BASE_CHECKPOINT)),
+                model or ModelConfig(checkpoint=str(BASE_CHECKPOINT)),
                 cfg,
                 SamplingConfig(num_steps=4),
                 0,
@@ -63,7 +70,7 @@ def _update(world: int, zero_stage: int, keep: np.ndarray) -> dict[str, np.ndarr
         ],
         timeout=180,
     )
-    chunks, adv = _data()
+    chunks, adv = data or _data()
     refs = [ray.put(c) for c in chunks]
     per_rank = [refs] if world == 1 else [[refs[0]], [refs[1]]]
     halves = [slice(0, N)] if world == 1 else [slice(0, N // 2), slice(N // 2, N)]
@@ -107,4 +114,32 @@ def test_one_and_two_ranks_give_the_same_update(
         # Adam's first step is lr * g / (|g| + eps): where |g| is near eps, the last-bit
         # difference of summing over one rank or two shows up as ~1e-6; a wrong update (a
         # microbatch lost or counted twice) moves a weight by O(lr) = 1e-3.
+        np.testing.assert_allclose(one[k], two[k], rtol=1e-4, atol=1e-5, err_msg=k)
+
+
+def test_one_and_two_ranks_agree_on_a_tiny_sd35_with_lora(ray_local: None, tmp_path: Path) -> None:
+    """The real-model path: LoRA adapters on a tiny SD3.5, learner ranks without text encoders
+    training on the conditionings shipped with the samples."""
+    from policy.config import LoraConfig
+    from policy.io import model_from_config
+    from tests.fixtures.tiny_models import save_tiny_sd3
+
+    model = ModelConfig(
+        kind="sd3", path=str(save_tiny_sd3(tmp_path / "sd35", "sd35")), lora=LoraConfig(rank=4)
+    )
+    prompts = ["a red circle", "two blue squares left of a cat"] * (N // 2)
+    conditions = model_from_config(model, 32).conditions(prompts)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn((N, 4, 32, 32), generator=g)
+    ids = np.arange(N) + 1000
+    halves = [slice(0, N // 2), slice(N // 2, N)]
+    chunks = [
+        RolloutSamples(ids[h], ids[h] // 4, prompts[h], x0[h], 0, 0.0, conditions=conditions)
+        for h in halves
+    ]
+    data = (chunks, np.linspace(-1.0, 1.0, N).astype(np.float32))
+    one, two = _update(1, 0, ALL, model, data), _update(2, 0, ALL, model, data)
+    assert one and all("lora_" in k for k in one)  # only the adapters are trained
+    assert max(float(np.abs(v).max()) for k, v in one.items() if "lora_B" in k) > 1e-5
+    for k in one:
         np.testing.assert_allclose(one[k], two[k], rtol=1e-4, atol=1e-5, err_msg=k)

@@ -1,0 +1,71 @@
+"""The `text` world: free-text prompts from files, no verifier (any real model's prompts).
+
+For training a real model (SD3.5, FLUX, SD1.5) on prompts no grammar describes, e.g.
+GenEval's or PickScore's: ``world.train_prompts`` and ``world.eval_prompts`` are text files,
+one prompt per line (blank lines and ``#`` comments skipped). There is nothing to verify, so
+the rewards (``rewards.functions``, a reward model or a reward server) are what trains, and
+held-out evaluation reports the means of ``eval.rewards``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from worlds.base import Verdict, World, WorldConfig, register_world
+
+
+class TextConfig(WorldConfig):
+    """The `text` world: prompts from files (``train_prompts``, ``eval_prompts``: paths)."""
+
+
+def read_prompt_file(path: str) -> list[str]:
+    """One prompt per line; blank lines and ``#`` comments skipped. ``ValueError`` naming the
+    file (and line) when it cannot be read, is not UTF-8 or holds no prompt."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ValueError(f"cannot read prompt file {path!r}: {exc}") from exc
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ValueError(f"{path}:{line}: prompt file is not valid UTF-8") from exc
+    prompts = [t.strip() for t in text.splitlines()]
+    prompts = [t for t in prompts if t and not t.startswith("#")]
+    if not prompts:
+        raise ValueError(f"prompt file {path!r} holds no prompt (one per line)")
+    return prompts
+
+
+@register_world
+class TextWorld(World):
+    """Prompts from files; scored by the configured rewards only."""
+
+    name = "text"
+    config_class = TextConfig
+    verifies: ClassVar[bool] = False
+
+    def prompts(self, spec: str) -> list[str]:
+        return read_prompt_file(spec)
+
+    def split_names(self) -> tuple[str, ...]:
+        return ()
+
+    def verify(self, images: np.ndarray, prompts: Sequence[str]) -> list[Verdict]:
+        raise NotImplementedError(
+            "the `text` world has no verifier: its images are scored by rewards "
+            "(rewards.functions for training, eval.rewards for held-out evaluation)"
+        )
+
+    def summarize(self, verdicts: Sequence[Verdict], prompts: Sequence[str]) -> dict[str, Any]:
+        raise NotImplementedError("the `text` world has no verifier")
+
+    def vocabulary(self) -> list[str]:
+        """Words of nothing in particular: the `text` world is for models with their own
+        tokenizers (a `tiny` model needs a world with a fixed vocabulary)."""
+        return sorted({w for w in re.findall(r"[a-z0-9]+", "a the and of")})
