@@ -44,6 +44,16 @@ class Reward(ABC):
     def score(self, images: np.ndarray, prompts: Sequence[str]) -> RewardOutput:
         """Score uint8 images (B, H, W, 3) against ``prompts`` (B,)."""
 
+    def score_with_metadata(
+        self,
+        images: np.ndarray,
+        prompts: Sequence[str],
+        metadata: Sequence[dict[str, Any] | None],
+    ) -> RewardOutput:
+        """As ``score``, with each image's prompt metadata (e.g. GenEval's ``tag`` and
+        ``include``, from a JSONL prompt file); rewards that use it override this."""
+        return self.score(images, prompts)
+
     @staticmethod
     def check_batch(images: np.ndarray, prompts: Sequence[str]) -> None:
         """Raise ``ValueError`` unless images are uint8 (B, H, W, 3) with B prompts."""
@@ -65,7 +75,7 @@ def register(name: str) -> Callable[[Callable[..., Reward]], Callable[..., Rewar
     return REWARDS.register(name)
 
 
-_BUILTIN_MODULES = ("rewards.builtin", "rewards.remote")
+_BUILTIN_MODULES = ("rewards.builtin", "rewards.remote", "rewards.clip")
 
 
 def _builtin() -> Registry[Callable[..., Reward]]:

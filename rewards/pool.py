@@ -69,7 +69,12 @@ class RewardScorer:
         per_reward: dict[str, np.ndarray] = {}
         passed = None
         for reward, weight, bounds in self.rewards:
-            out = reward.score(batch.images, batch.prompts)
+            metadata = getattr(batch, "metadata", None)
+            out = (
+                reward.score(batch.images, batch.prompts)
+                if metadata is None
+                else reward.score_with_metadata(batch.images, batch.prompts, metadata)
+            )
             scores = np.asarray(out.scores, dtype=np.float64).reshape(-1)
             if scores.shape != (n,):
                 raise ValueError(f"reward {reward.name!r} gave {scores.shape[0]} scores for {n}")

@@ -137,7 +137,17 @@ class RemoteReward(Reward):
         return rewards
 
     def score(self, images: np.ndarray, prompts: Sequence[str]) -> RewardOutput:
+        return self.score_with_metadata(images, prompts, [None] * len(prompts))
+
+    def score_with_metadata(
+        self,
+        images: np.ndarray,
+        prompts: Sequence[str],
+        metadata: Sequence[dict[str, Any] | None],
+    ) -> RewardOutput:
+        """Scores from the server; ``metadata`` goes with the images when any is known."""
         self.check_batch(images, prompts)
+        meta = None if all(m is None for m in metadata) else [m or {} for m in metadata]
         budget = _Budget(time.monotonic() + self.deadline_s)
         spans = [
             (i, min(i + self.max_batch, len(prompts)))
@@ -147,7 +157,7 @@ class RemoteReward(Reward):
         details: list[dict[str, Any]] = [{} for _ in prompts]
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
             parts = pool.map(
-                lambda span: self._score_span(images, list(prompts), span, budget), spans
+                lambda span: self._score_span(images, list(prompts), meta, span, budget), spans
             )
             for (lo, hi), (s, d) in zip(spans, parts, strict=True):
                 scores[lo:hi], details[lo:hi] = s, d
@@ -160,15 +170,21 @@ class RemoteReward(Reward):
         return RewardOutput(scores=scores, details=details)
 
     def _score_span(
-        self, images: np.ndarray, prompts: list[str], span: tuple[int, int], budget: _Budget
+        self,
+        images: np.ndarray,
+        prompts: list[str],
+        meta: list[dict[str, Any]] | None,
+        span: tuple[int, int],
+        budget: _Budget,
     ) -> tuple[np.ndarray, list[dict[str, Any]]]:
         """Scores of ``images[lo:hi]``: halved on 413, NaN where nothing came in time."""
         lo, hi = span
-        status, answer = self._post(images[lo:hi], prompts[lo:hi], budget)
+        part = None if meta is None else meta[lo:hi]
+        status, answer = self._post(images[lo:hi], prompts[lo:hi], budget, part)
         if status == 413 and hi - lo > 1:
             mid = (lo + hi) // 2
-            a = self._score_span(images, prompts, (lo, mid), budget)
-            b = self._score_span(images, prompts, (mid, hi), budget)
+            a = self._score_span(images, prompts, meta, (lo, mid), budget)
+            b = self._score_span(images, prompts, meta, (mid, hi), budget)
             return np.concatenate([a[0], b[0]]), a[1] + b[1]
         if status != 200 or answer is None:
             return np.full(hi - lo, np.nan), [{"remote_error": status} for _ in range(hi - lo)]
@@ -181,21 +197,25 @@ class RemoteReward(Reward):
         return values, [d if isinstance(d, dict) else {} for d in got]
 
     def _post(
-        self, images: np.ndarray, prompts: list[str], budget: _Budget
+        self,
+        images: np.ndarray,
+        prompts: list[str],
+        budget: _Budget,
+        metadata: list[dict[str, Any]] | None = None,
     ) -> tuple[int | str, dict[str, Any] | None]:
         """One request with its retries: (final status or "timeout"/"unreachable", answer)."""
         import httpx
 
-        body = dumps(
-            {
-                "protocol": PROTOCOL,
-                "request_id": uuid.uuid4().hex,  # the same id on every retry: idempotent
-                "reward": self.reward,
-                "prompts": prompts,
-                "images": encode_images(images, self.encoding),
-            },
-            self.content_type,
-        )
+        request: dict[str, Any] = {
+            "protocol": PROTOCOL,
+            "request_id": uuid.uuid4().hex,  # the same id on every retry: idempotent
+            "reward": self.reward,
+            "prompts": prompts,
+            "images": encode_images(images, self.encoding),
+        }
+        if metadata is not None:
+            request["metadata"] = metadata
+        body = dumps(request, self.content_type)
         headers = {"Content-Type": self.content_type}
         failures, busy = 0, 0
         status: int | str = "unreachable"

@@ -35,6 +35,7 @@ class RolloutImages:
     images: np.ndarray
     version: int
     seconds: float
+    metadata: list[dict[str, Any] | None] | None = None  # per image, from the prompt file
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ makes a loss non-finite at a given step) without any hook in the library.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 from pathlib import Path
@@ -85,6 +86,9 @@ class RolloutWorker(Actor):
         from rollout.engine import RolloutReceipt
 
         images, samples = self.engine.generate(prompts, sample_ids, group_ids, seed)
+        metadata = [self.world.metadata(p) for p in prompts]
+        if any(m is not None for m in metadata):  # for the rewards that read it (GenEval)
+            images = dataclasses.replace(images, metadata=metadata)
         return RolloutReceipt(len(prompts), images.version, images.seconds), images, samples
 
     def evaluate(

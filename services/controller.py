@@ -54,6 +54,7 @@ from services.run import RunDir, read_driver_state
 from services.status import Pace, update_status
 from services.viz import plot_curves, save_sample_grid
 from services.watch import RewardHackingGuard, score_held_out
+from worlds.base import make_world
 
 log = logging.getLogger("elborl.driver")
 
@@ -120,6 +121,7 @@ class Controller:
         self.groups: list[RoleGroup] = []
         # eval.rewards, scored here on the held-out images (a remote one connects now).
         self.eval_scorer = RewardScorer(cfg.eval.rewards) if cfg.eval.rewards else None
+        self.world = make_world(cfg.world)  # prompt metadata for the ledger and eval rewards
         g = cfg.guard
         self.guard = (
             RewardHackingGuard(g.watch, g.train_metric, g.patience, g.min_change)
@@ -355,7 +357,8 @@ class Controller:
             out["eval/diversity"] = diversity
         scores = list(result.scores)
         if self.eval_scorer is not None:  # eval.rewards: watched on the held-out images
-            watched = score_held_out(self.eval_scorer, result.images, result.prompts)
+            meta = [self.world.metadata(p) for p in result.prompts]
+            watched = score_held_out(self.eval_scorer, result.images, result.prompts, meta)
             out.update(watched.metrics)
             scores = scores or list(watched.total)
         k = min(32, len(result.prompts))
@@ -400,7 +403,12 @@ class Controller:
     ) -> None:
         """Ledger, evaluation, sample grid, metrics, checkpoint and status of round ``r``."""
         r, last, t = pending.round, self.cfg.train.rounds, self.cfg.train
-        self.run_dir.log_ledger(r, rounds.ledger(pending.chunks, scored, plan.keep))
+        entry = rounds.ledger(pending.chunks, scored, plan.keep)
+        groups = dict(zip(pending.prompts.group_ids.tolist(), pending.prompts.prompts, strict=True))
+        meta = {g: m for g, p in groups.items() if (m := self.world.metadata(p)) is not None}
+        if meta:  # what the prompt file says about each group's prompt (e.g. GenEval's tag)
+            entry["metadata"] = {str(g): m for g, m in meta.items()}
+        self.run_dir.log_ledger(r, entry)
         if _due(t.eval_every, r, last):
             metrics.update(self.evaluate(r))
         self._watch(r, metrics)

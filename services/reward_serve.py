@@ -39,7 +39,11 @@ class RegisteredBackend:
     def score(
         self, images: np.ndarray, prompts: list[str], metadata: Any
     ) -> tuple[list[float | None], list[dict[str, Any]]]:
-        out = self.reward.score(images, prompts)
+        out = (
+            self.reward.score(images, prompts)
+            if metadata is None
+            else self.reward.score_with_metadata(images, prompts, metadata)
+        )
         scores = [float(s) if np.isfinite(s) else None for s in out.scores]
         return scores, out.details or [{} for _ in scores]
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -22,10 +23,17 @@ class Watched:
     total: np.ndarray
 
 
-def score_held_out(scorer: RewardScorer, images: np.ndarray, prompts: Sequence[str]) -> Watched:
-    """Score held-out ``images`` (uint8 (B, H, W, 3)) against ``prompts`` with ``scorer``."""
+def score_held_out(
+    scorer: RewardScorer,
+    images: np.ndarray,
+    prompts: Sequence[str],
+    metadata: Sequence[dict[str, Any] | None] | None = None,
+) -> Watched:
+    """Score held-out ``images`` (uint8 (B, H, W, 3)) against ``prompts`` (and their prompt
+    file's ``metadata``, when known) with ``scorer``."""
     ids = np.arange(len(prompts))
-    scored = scorer.score(RolloutImages(ids, ids, list(prompts), images, 0, 0.0))
+    meta = list(metadata) if metadata is not None and any(metadata) else None
+    scored = scorer.score(RolloutImages(ids, ids, list(prompts), images, 0, 0.0, meta))
     metrics: dict[str, float] = {}
     for name, scores in scored.per_reward.items():
         ok = np.isfinite(scores)

@@ -86,6 +86,11 @@ class World(ABC):
     def split_names(self) -> tuple[str, ...]:
         """The named prompt splits (``prompts`` also accepts a file path)."""
 
+    def metadata(self, prompt: str) -> dict[str, Any] | None:
+        """What the prompt file says about ``prompt`` besides its text (e.g. GenEval's
+        ``tag`` and ``include``), handed to the rewards with each image; None if nothing."""
+        return None
+
     def category(self, prompt: str) -> str | None:
         """The task category of a prompt (GenEval's, for `shapes`), or None if the world has
         none; evaluation balances its images over categories by it."""

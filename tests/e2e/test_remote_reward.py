@@ -128,3 +128,77 @@ def test_a_reward_server_killed_mid_run_and_restarted(tmp_path: Path) -> None:
     ids = [i for rec in ledger for i in rec["sample_ids"]]
     assert len(ids) == len(set(ids)) == 3 * 16  # every sample once
     assert all(s == "ok" for rec in ledger for s in rec["status"])
+
+
+TAGGED = """
+class Tagged:
+    name = "tagged"
+    range = (0.0, 1.0)
+    max_batch = 64
+    needs_metadata = True
+
+    def load(self, directory):
+        pass
+
+    def score(self, images, prompts, metadata):
+        scores = [1.0 if m.get("tag") == "counting" else 0.0 for m in metadata]
+        return scores, [{"tag": m.get("tag")} for m in metadata]
+"""
+
+
+def test_prompt_metadata_reaches_a_served_reward_and_the_ledger(tmp_path: Path) -> None:
+    """A JSONL prompt file (GenEval's shape) in the `text` world: each image's metadata goes
+    to a standalone server whose backend needs it, and into the ledger."""
+    import shutil
+
+    work = tmp_path / "server"
+    work.mkdir()
+    shutil.copy(REPO / "rewards" / "server" / "elborl_reward_server.py", work)
+    (work / "tagged.py").write_text(TAGGED)
+    records = [
+        {"prompt": "two circles", "tag": "counting", "include": [{"class": "circle", "count": 2}]},
+        {"prompt": "a red square", "tag": "colors", "include": [{"class": "square", "count": 1}]},
+    ]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in records))
+    port = _free_port()
+    script = [sys.executable, "-I", str(work / "elborl_reward_server.py")]
+    proc = subprocess.Popen(
+        [*script, "--backend", str(work / "tagged.py") + ":Tagged", "--port", str(port)],
+        env={**os.environ, "ELBORL_REWARD_TOKEN": TOKEN},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/v1/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        cfg = tiny_config(
+            tmp_path,
+            name="meta",
+            world={"name": "text", "train_prompts": str(prompts), "eval_prompts": str(prompts)},
+            rewards={"functions": [_remote(tmp_path, port)]},
+            rollout={"prompts_per_round": 2},
+            eval={"rewards": [_remote(tmp_path, port)]},
+            train={"rounds": 2, "eval_every": 2},
+        )
+        out = run_train(["--config", str(cfg)])
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    assert out.returncode == 0, out.stderr[-3000:]
+    run = tmp_path / "runs" / "meta"
+    rounds = metrics(run)
+    # Both prompts every round, 4 images each: half the images are the counting prompt's.
+    assert [r["reward/tagged"] for r in rounds] == [0.5, 0.5]
+    assert rounds[-1]["eval/reward_tagged"] == 0.5
+    ledger = [json.loads(line) for line in (run / "ledger.jsonl").read_text().splitlines()]
+    for rec in ledger:
+        tags = {g: m["tag"] for g, m in rec["metadata"].items()}
+        assert sorted(tags.values()) == ["colors", "counting"]
+        for g, reward in zip(rec["group_ids"], rec["reward"], strict=True):
+            assert reward == (1.0 if tags[str(g)] == "counting" else 0.0)

@@ -23,19 +23,47 @@ class TextConfig(WorldConfig):
     """The `text` world: prompts from files (``train_prompts``, ``eval_prompts``: paths)."""
 
 
-def read_prompt_file(path: str) -> list[str]:
-    """One prompt per line; blank lines and ``#`` comments skipped. ``ValueError`` naming the
-    file (and line) when it cannot be read, is not UTF-8 or holds no prompt."""
+def read_prompt_records(path: str) -> list[dict[str, Any]]:
+    """A JSONL prompt file: one object per line with a ``prompt`` string and any metadata
+    (GenEval's ``test_metadata.jsonl`` shape: ``tag``, ``include`` [{``class``, ``count``,
+    ``color``, ``position``}], ``exclude``). ``ValueError`` naming the file and line."""
+    import json
+
+    records = []
+    for number, line in enumerate(_decoded(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}:{number}: not a JSON object ({exc.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+            raise ValueError(f'{path}:{number}: each line needs a "prompt" string')
+        records.append(record)
+    if not records:
+        raise ValueError(f"prompt file {path!r} holds no prompt (one JSON object per line)")
+    return records
+
+
+def _decoded(path: str) -> str:
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
         raise ValueError(f"cannot read prompt file {path!r}: {exc}") from exc
     try:
-        text = data.decode("utf-8")
+        return data.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = data.count(b"\n", 0, exc.start) + 1
         raise ValueError(f"{path}:{line}: prompt file is not valid UTF-8") from exc
-    prompts = [t.strip() for t in text.splitlines()]
+
+
+def read_prompt_file(path: str) -> list[str]:
+    """One prompt per line; blank lines and ``#`` comments skipped (a ``.jsonl`` file: the
+    ``prompt`` of each record). ``ValueError`` naming the file (and line) when it cannot be
+    read, is not UTF-8 or holds no prompt."""
+    if path.endswith(".jsonl"):
+        return [r["prompt"] for r in read_prompt_records(path)]
+    prompts = [t.strip() for t in _decoded(path).splitlines()]
     prompts = [t for t in prompts if t and not t.startswith("#")]
     if not prompts:
         raise ValueError(f"prompt file {path!r} holds no prompt (one per line)")
@@ -50,8 +78,23 @@ class TextWorld(World):
     config_class = TextConfig
     verifies: ClassVar[bool] = False
 
+    def __init__(self, cfg: WorldConfig | None = None):
+        super().__init__(cfg)
+        self._metadata: dict[str, dict[str, Any]] | None = None
+
     def prompts(self, spec: str) -> list[str]:
         return read_prompt_file(spec)
+
+    def metadata(self, prompt: str) -> dict[str, Any] | None:
+        """The record of ``prompt`` in the JSONL prompt files (``train_prompts``,
+        ``eval_prompts``), less its ``prompt`` key; None for a plain text file."""
+        if self._metadata is None:
+            self._metadata = {}
+            for path in (self.cfg.train_prompts, self.cfg.eval_prompts):
+                if path.endswith(".jsonl") and Path(path).is_file():
+                    for r in read_prompt_records(path):
+                        self._metadata[r["prompt"]] = {k: v for k, v in r.items() if k != "prompt"}
+        return self._metadata.get(prompt)
 
     def split_names(self) -> tuple[str, ...]:
         return ()
