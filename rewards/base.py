@@ -75,7 +75,7 @@ def register(name: str) -> Callable[[Callable[..., Reward]], Callable[..., Rewar
     return REWARDS.register(name)
 
 
-_BUILTIN_MODULES = ("rewards.builtin", "rewards.remote", "rewards.clip")
+_BUILTIN_MODULES = ("rewards.builtin", "rewards.remote", "rewards.clip", "rewards.ocr")
 
 
 def _builtin() -> Registry[Callable[..., Reward]]:

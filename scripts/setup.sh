@@ -27,7 +27,7 @@ PIP=(.venv/bin/python -m pip --disable-pip-version-check -q)
 if ! .venv/bin/python -c "import deepspeed" 2>/dev/null; then
   DS_BUILD_OPS=0 DS_BUILD_SHM_COMM=1 "${PIP[@]}" install --no-build-isolation -c constraints.txt deepspeed
 fi
-"${PIP[@]}" install -c constraints.txt -e ".[dev]"
+"${PIP[@]}" install -c constraints.txt -e ".[dev,ocr]"
 .venv/bin/python -m pip check
 if [ "${1:-}" = "--freeze" ]; then
   { echo "# Versions known to install and work together; regenerate with scripts/setup.sh --freeze."
