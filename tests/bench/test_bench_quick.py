@@ -21,6 +21,7 @@ SUMMARY_KEYS = {
     "learner": "ratio_deepspeed_over_plain",
     "estimator": "trajectory / (ELBO, K = 2)",
     "pipeline": "ratio_pipeline_over_single",
+    "reward_server": "32 px raw/msgpack images/s",
 }
 
 
