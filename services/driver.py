@@ -5,7 +5,7 @@ run directory and its root, resources), then hands the rounds to a ``Controller`
 an address it starts a local single-node Ray cluster sized to the machine; with
 ``--address`` or ``RAY_ADDRESS`` (as under ``ray job submit``) it joins that cluster.
 
-With ``service.enabled`` the status API (``services/api``) is served from a background thread
+With ``service.enabled`` the status API (``services/api``) is served from a child process
 of this process for as long as the run lasts. ``status.json`` carries the run's state:
 starting -> running -> finished, or -> stopping -> stopped after a stop request or a signal
 (the round in flight is finished and checkpointed), or failed with the error.
@@ -221,7 +221,7 @@ def _watchdog(run: RunDir, code: int, hint: str, local: bool, done: threading.Ev
 
 @contextmanager
 def _serving(cfg: RunConfig, token: str | None) -> Iterator[str | None]:
-    """The status service in a background thread for the block's duration (its URL or None)."""
+    """The status service in a child process for the block's duration (its URL or None)."""
     if token is None:
         yield None
         return

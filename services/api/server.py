@@ -1,18 +1,22 @@
-"""Running the app with uvicorn: in a daemon thread beside training, or in the foreground.
+"""Running the app with uvicorn: in a child process beside training, or in the foreground.
 
 The socket is bound up front, so a port in use is a configuration error before any training
 starts, and port 0 gives a free port whose number is known at once (the driver writes the URL
-into ``status.json``). Serving shares the driver's process but not its work: the driver spends
-its time waiting on Ray, and each request only reads small files.
+into ``status.json``). Beside training the app runs in its own process at a lower CPU priority
+(``nice`` + 10): the service only reads the run directory, so it needs nothing of the
+driver's, and a burst of requests cannot take the driver's CPU (measured on 2 cores:
+``bench.api_load``).
 """
 
 from __future__ import annotations
 
 import ipaddress
 import logging
+import multiprocessing
+import multiprocessing.process
+import os
 import signal
 import socket
-import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -38,15 +42,9 @@ class ApiServer:
         self.sock = _bind(host, port)
         bound_port = self.sock.getsockname()[1]
         self.url = f"http://{_url_host(host)}:{bound_port}"
-        config = uvicorn.Config(
-            create_app(runs_dir, token, cors_origins),
-            log_config=None,  # keep the caller's logging
-            access_log=False,  # request lines would carry query strings; nothing to gain
-            lifespan="off",
-            timeout_graceful_shutdown=2,
-        )
-        self.server = uvicorn.Server(config)
-        self.thread: threading.Thread | None = None
+        self.args = (str(runs_dir), token, tuple(cors_origins))
+        self.server = _server(*self.args)
+        self.process: multiprocessing.process.BaseProcess | None = None
         if not _is_loopback(host):
             log.warning(
                 "the status service listens on %s, reachable beyond this machine; keep the "
@@ -55,11 +53,13 @@ class ApiServer:
             )
 
     def start(self) -> ApiServer:
-        """Serve from a daemon thread (uvicorn installs no signal handlers off the main thread)."""
-        self.thread = threading.Thread(
-            target=self.server.run, kwargs={"sockets": [self.sock]}, name="elborl-api", daemon=True
+        """Serve from a child process at lower priority (spawned: it shares no state with the
+        driver but the listening socket)."""
+        ctx = multiprocessing.get_context("spawn")
+        self.process = ctx.Process(
+            target=_serve_child, args=(self.sock, *self.args), name="elborl-api", daemon=True
         )
-        self.thread.start()
+        self.process.start()
         log.info("status service at %s/ (dashboard; the API is under /api/v1)", self.url)
         return self
 
@@ -80,10 +80,37 @@ class ApiServer:
             self.sock.close()
 
     def stop(self, timeout: float = 5.0) -> None:
-        self.server.should_exit = True
-        if self.thread is not None:
-            self.thread.join(timeout)
+        if self.process is not None and self.process.is_alive():
+            self.process.terminate()  # SIGTERM: uvicorn shuts down gracefully
+            self.process.join(timeout)
+            if self.process.is_alive():
+                self.process.kill()
+                self.process.join(timeout)
         self.sock.close()
+
+
+def _server(runs_dir: str, token: str, cors_origins: Sequence[str]) -> uvicorn.Server:
+    config = uvicorn.Config(
+        create_app(runs_dir, token, cors_origins),
+        log_config=None,  # keep the caller's logging
+        access_log=False,  # request lines would carry query strings; nothing to gain
+        lifespan="off",
+        timeout_graceful_shutdown=2,
+    )
+    return uvicorn.Server(config)
+
+
+def _serve_child(
+    sock: socket.socket, runs_dir: str, token: str, cors_origins: Sequence[str]
+) -> None:
+    """The child process: lower priority, the parent's log format, uvicorn on ``sock``."""
+    os.nice(10)
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    _server(runs_dir, token, cors_origins).run(sockets=[sock])
 
 
 def _bind(host: str, port: int) -> socket.socket:

@@ -22,6 +22,7 @@ SUMMARY_KEYS = {
     "estimator": "trajectory / (ELBO, K = 2)",
     "pipeline": "ratio_pipeline_over_single",
     "reward_server": "32 px raw/msgpack images/s",
+    "api_load": "round time ratio, loaded / idle",
 }
 
 
