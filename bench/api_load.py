@@ -90,11 +90,14 @@ def _load(run: Path, proc: subprocess.Popen[bytes], rps: float, sent: list[int])
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args("api_load", __doc__, argv)
-    rounds, images = (3, 8) if args.quick else (8, 64)
+    rounds, images = (3, 16) if args.quick else (8, 64)  # 4 prompts x images: 64k
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for label, rps in (("service idle", 0.0), ("100 requests/s", 100.0)):
-            r = _train(Path(tmp), label.split()[0], rounds, images, rps)
+        for label, name, rps in (
+            ("service idle", "idle", 0.0),
+            ("100 requests/s", "loaded", 100.0),
+        ):
+            r = _train(Path(tmp), name, rounds, images, rps)
             rows.append({"load": label, "round s (median)": r["round_s"], **r})
     ratio = rows[1]["round_s"] / rows[0]["round_s"]
     write(
