@@ -291,6 +291,124 @@ SCORE_OPENAPI: dict[str, Any] = {
 }
 
 
+def error_response(status: int, message: str, **extra: Any) -> Any:
+    """A protocol error: JSON ``{"protocol", "error", ...}`` with the status's headers."""
+    from fastapi.responses import JSONResponse
+
+    headers = {"Retry-After": "1"} if status in (429, 503) else None
+    if status == 401:
+        headers = {"WWW-Authenticate": "Bearer"}
+    body = {"protocol": PROTOCOL, "error": message, **extra}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+class Scoring:
+    """The server's state and request handling: auth, the body limit, the concurrency bound
+    (``max_concurrency`` batches scoring, ``max_waiting`` queued, more get 429) and the answer
+    cache per ``request_id`` (``cache_size`` answers: a retried request is not rescored)."""
+
+    def __init__(
+        self,
+        backends: Sequence[Any],
+        token: str,
+        max_body_bytes: int,
+        max_concurrency: int,
+        max_waiting: int,
+        cache_size: int,
+    ):
+        if not token:
+            raise ValueError("a reward server needs a token (set its environment variable)")
+        self.served = {b.name: b for b in backends}
+        self.token, self.max_body_bytes = token, max_body_bytes
+        self.max_waiting, self.cache_size = max_waiting, cache_size
+        self.slots = asyncio.Semaphore(max_concurrency)
+        self.waiting = 0
+        self.cache: OrderedDict[str, tuple[bytes, str]] = OrderedDict()
+
+    def denied(self, request: Any) -> Any:
+        """None for the right bearer token, else the 401 / 403 answer."""
+        header = request.headers.get("authorization", "")
+        if not header.lower().startswith("bearer "):
+            return error_response(401, "missing bearer token (Authorization: Bearer <token>)")
+        if not hmac.compare_digest(header[7:].strip().encode(), self.token.encode()):
+            return error_response(403, "wrong token")
+        return None
+
+    async def read_body(self, request: Any) -> bytes:
+        limit = self.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise ProtocolError(413, f"body of {declared} bytes; the limit is {limit}")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ProtocolError(413, f"body over the limit of {limit} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def score(self, request: Any) -> Any:
+        """``POST /v1/score``."""
+        from fastapi.responses import Response
+
+        denied = self.denied(request)
+        if denied is not None:
+            return denied
+        kind = JSON
+        try:
+            kind = content_type_of(request.headers.get("content-type"))
+            req = loads(await self.read_body(request), kind)
+            backend, images, prompts, metadata = check_request(req, self.served)
+        except ProtocolError as exc:
+            return error_response(exc.status, exc.message, **exc.extra)
+        except ValueError as exc:  # undecodable JSON / msgpack
+            return error_response(400, f"the body is not valid {kind}: {exc}")
+        key = f"{backend.name}\0{req.get('request_id') or ''}"
+        if req.get("request_id") and key in self.cache:
+            body, cached_kind = self.cache[key]
+            return Response(body, media_type=cached_kind)
+        if self.waiting >= self.max_waiting:
+            return error_response(429, f"busy: {self.max_waiting} batches already waiting")
+        answer = await self._run(backend, images, prompts, metadata, req.get("request_id"))
+        if not isinstance(answer, dict):
+            return answer  # an error response
+        body = dumps(answer, kind)
+        if req.get("request_id"):
+            self.cache[key] = (body, kind)
+            while len(self.cache) > self.cache_size:
+                self.cache.popitem(last=False)
+        return Response(body, media_type=kind)
+
+    async def _run(
+        self, backend: Any, images: np.ndarray, prompts: list[str], metadata: Any, rid: Any
+    ) -> Any:
+        """The answer object of one batch (scored in a worker thread), or a 500 response."""
+        self.waiting += 1
+        try:
+            await self.slots.acquire()
+        finally:
+            self.waiting -= 1
+        start = time.monotonic()
+        try:
+            scores, details = await asyncio.to_thread(
+                run_backend, backend, images, prompts, metadata
+            )
+        except Exception as exc:  # a backend failure is the server's (500)
+            log.exception("reward %s failed on a batch of %d", backend.name, len(prompts))
+            msg = f"reward {backend.name!r} failed: {type(exc).__name__}: {exc}"
+            return error_response(500, msg)
+        finally:
+            self.slots.release()
+        return {
+            "protocol": PROTOCOL,
+            "request_id": rid,
+            "scores": scores,
+            "details": details,
+            "model": {"name": backend.name, "version": str(getattr(backend, "version", ""))},
+            "seconds": round(time.monotonic() - start, 4),
+        }
+
+
 def create_app(
     backends: Sequence[Any],
     token: str,
@@ -299,47 +417,12 @@ def create_app(
     max_waiting: int = 8,
     cache_size: int = 256,
 ) -> Any:
-    """The FastAPI app over loaded ``backends``. ``token``: the bearer token every request but
-    ``/v1/health`` carries. At most ``max_concurrency`` batches score at once (each in a
-    thread, so health checks stay answered) and ``max_waiting`` wait; more get 429. Answers are
-    cached per ``request_id`` (``cache_size`` of them), so a retried request is not rescored."""
+    """The FastAPI app over loaded ``backends`` (``Scoring`` does the work). ``token``: the
+    bearer token every request but ``/v1/health`` carries."""
     from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, Response
 
-    if not token:
-        raise ValueError("a reward server needs a token (set its environment variable)")
-    served = {b.name: b for b in backends}
+    scoring = Scoring(backends, token, max_body_bytes, max_concurrency, max_waiting, cache_size)
     app = FastAPI(title="elborl reward server", version=PROTOCOL, docs_url=None, redoc_url=None)
-    slots = asyncio.Semaphore(max_concurrency)
-    state = {"waiting": 0}
-    cache: OrderedDict[str, tuple[bytes, str]] = OrderedDict()
-
-    def error(status: int, message: str, **extra: Any) -> Any:
-        headers = {"Retry-After": "1"} if status in (429, 503) else None
-        if status == 401:
-            headers = {"WWW-Authenticate": "Bearer"}
-        body = {"protocol": PROTOCOL, "error": message, **extra}
-        return JSONResponse(body, status_code=status, headers=headers)
-
-    def authorised(request: Request) -> Any:
-        header = request.headers.get("authorization", "")
-        if not header.lower().startswith("bearer "):
-            return error(401, "missing bearer token (Authorization: Bearer <token>)")
-        if not hmac.compare_digest(header[7:].strip().encode(), token.encode()):
-            return error(403, "wrong token")
-        return None
-
-    async def read_body(request: Request) -> bytes:
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > max_body_bytes:
-            raise ProtocolError(413, f"body of {declared} bytes; the limit is {max_body_bytes}")
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > max_body_bytes:
-                raise ProtocolError(413, f"body over the limit of {max_body_bytes} bytes")
-            chunks.append(chunk)
-        return b"".join(chunks)
 
     @app.api_route("/v1/health", methods=["GET", "HEAD"])
     async def health() -> dict[str, str]:
@@ -347,59 +430,14 @@ def create_app(
 
     @app.get("/v1/info")
     async def info(request: Request) -> Any:
-        denied = authorised(request)
+        denied = scoring.denied(request)
         if denied is not None:
             return denied
-        return {"protocol": PROTOCOL, "rewards": [reward_info(b) for b in served.values()]}
+        return {"protocol": PROTOCOL, "rewards": [reward_info(b) for b in scoring.served.values()]}
 
     @app.post("/v1/score", openapi_extra=SCORE_OPENAPI)
     async def score(request: Request) -> Any:
-        denied = authorised(request)
-        if denied is not None:
-            return denied
-        try:
-            kind = content_type_of(request.headers.get("content-type"))
-            req = loads(await read_body(request), kind)
-            backend, images, prompts, metadata = check_request(req, served)
-        except ProtocolError as exc:
-            return error(exc.status, exc.message, **exc.extra)
-        except ValueError as exc:  # undecodable JSON / msgpack
-            return error(400, f"the body is not valid {kind}: {exc}")
-        key = f"{backend.name}\0{req.get('request_id', '')}"
-        if req.get("request_id") and key in cache:
-            body, cached_kind = cache[key]
-            return Response(body, media_type=cached_kind)
-        if state["waiting"] >= max_waiting:
-            return error(429, f"busy: {max_waiting} batches already waiting")
-        state["waiting"] += 1
-        try:
-            await slots.acquire()
-        finally:
-            state["waiting"] -= 1
-        start = time.monotonic()
-        try:
-            scores, details = await asyncio.to_thread(
-                run_backend, backend, images, prompts, metadata
-            )
-        except Exception as exc:  # a backend failure is the server's (500)
-            log.exception("reward %s failed on a batch of %d", backend.name, len(prompts))
-            return error(500, f"reward {backend.name!r} failed: {type(exc).__name__}: {exc}")
-        finally:
-            slots.release()
-        answer = {
-            "protocol": PROTOCOL,
-            "request_id": req.get("request_id"),
-            "scores": scores,
-            "details": details,
-            "model": {"name": backend.name, "version": str(getattr(backend, "version", ""))},
-            "seconds": round(time.monotonic() - start, 4),
-        }
-        body = dumps(answer, kind)
-        if req.get("request_id"):
-            cache[key] = (body, kind)
-            while len(cache) > cache_size:
-                cache.popitem(last=False)
-        return Response(body, media_type=kind)
+        return await scoring.score(request)
 
     return app
 
