@@ -179,26 +179,8 @@ def run_eval(cfg: RunConfig, args: argparse.Namespace) -> int:
     from policy.placement import resolve_device
     from rollout.evaluate import evaluate
 
-    if args.num_images is not None and args.num_images < 1:
-        raise ConfigError(f"--num-images must be >= 1, got {args.num_images}")
-    if args.max_prompts is not None and args.max_prompts < 1:
-        raise ConfigError(f"--max-prompts must be >= 1, got {args.max_prompts}")
-    if args.pass_k is not None and args.pass_k < 1:
-        raise ConfigError(f"--pass-k must be >= 1, got {args.pass_k}")
     world = make_world(cfg.world)
-    if not world.verifies and not args.rewards:
-        raise ConfigError(
-            f"world.name = {cfg.world.name} has no verifier: pass --rewards (the images are "
-            "scored by rewards.functions)"
-        )
-    if args.rewards and args.pass_k is not None:
-        raise ConfigError("--pass-k needs the world's verifier; drop it or drop --rewards")
-    if args.rewards and args.prompts:
-        prompts = read_prompt_lines(args.prompts, "--prompts")
-    elif args.prompts:
-        prompts = resolve_prompts(world, args.prompts, "--prompts")
-    else:
-        prompts = resolve_prompts(world, cfg.world.eval_prompts, "world.eval_prompts")
+    prompts = _eval_prompts(cfg, args, world)
     scorer = _reward_scorer(cfg) if args.rewards else None
     policy, checkpoint = _eval_policy(cfg, args)
     try:
@@ -243,6 +225,29 @@ def run_eval(cfg: RunConfig, args: argparse.Namespace) -> int:
     else:
         _print_eval_table(summary)
     return 0
+
+
+def _eval_prompts(cfg: RunConfig, args: argparse.Namespace, world: Any) -> list[str]:
+    """The prompts ``elborl eval`` samples, after checking its options against each other."""
+    for flag, value in (
+        ("--num-images", args.num_images),
+        ("--max-prompts", args.max_prompts),
+        ("--pass-k", args.pass_k),
+    ):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} must be >= 1, got {value}")
+    if not world.verifies and not args.rewards:
+        raise ConfigError(
+            f"world.name = {cfg.world.name} has no verifier: pass --rewards (the images are "
+            "scored by rewards.functions)"
+        )
+    if args.rewards and args.pass_k is not None:
+        raise ConfigError("--pass-k needs the world's verifier; drop it or drop --rewards")
+    if args.rewards and args.prompts:
+        return read_prompt_lines(args.prompts, "--prompts")
+    if args.prompts:
+        return resolve_prompts(world, args.prompts, "--prompts")
+    return resolve_prompts(world, cfg.world.eval_prompts, "world.eval_prompts")
 
 
 def _reward_scorer(cfg: RunConfig) -> Any:
