@@ -48,4 +48,4 @@ def test_the_guard_fires_reports_and_stops(tmp_path: Path) -> None:
     detail = client.get("/api/v1/runs/t", headers={"Authorization": f"Bearer {TOKEN}"}).json()
     assert detail["warnings"] == status["warnings"]
     text = client.get("/metrics", headers={"Authorization": f"Bearer {TOKEN}"}).text
-    assert 'elborl_warnings{run="t"} 1.0' in text
+    assert f'elborl_warnings{{run="t"}} {float(len(status["warnings"]))}' in text
