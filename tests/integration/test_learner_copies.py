@@ -73,15 +73,17 @@ def test_adapters_on_one_base_train_exactly_as_deep_copies(one_rank: None, tmp_p
             assert a["learner/ratio_max"] == pytest.approx(1.0, abs=1e-6)
         else:
             assert a["learner/kl_mean"] > 0  # the adapters moved away from the reference
-    # Weights to 2e-5: Adam divides by sqrt(v), so parameters whose gradients are ~0 turn
-    # float-noise-level gradient differences into ~1e-6 steps (the losses agree to 1e-5).
+    # Weights to 5e-4: Adam divides by sqrt(v), so a parameter whose gradient is ~0 turns a
+    # float-noise gradient difference into a step of up to ~lr (seen: one element of 256 off
+    # by 1.8e-4 on a busy AVX-512 machine); a wrong update (a pass on the wrong adapter, a
+    # lost microbatch) moves weights by lr = 3e-3 per step. The losses above agree to 1e-5.
     for k, v in _trained(deep).items():
-        torch.testing.assert_close(_trained(adapters)[k], v, rtol=1e-4, atol=2e-5)
+        torch.testing.assert_close(_trained(adapters)[k], v, rtol=1e-4, atol=5e-4)
     v_deep, s_deep, _ = deep.sampling_state()
     v_ad, s_ad, _ = adapters.sampling_state()
     assert v_deep == v_ad == 3 and s_deep.keys() == s_ad.keys()
     for k in s_deep:
-        np.testing.assert_allclose(s_ad[k], s_deep[k], rtol=1e-4, atol=2e-5)
+        np.testing.assert_allclose(s_ad[k], s_deep[k], rtol=1e-4, atol=5e-4)
 
     adapters.save(tmp_path)
     restored = _engine("adapters")

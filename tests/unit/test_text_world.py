@@ -49,5 +49,5 @@ def test_a_text_run_config_with_eval_rewards_validates() -> None:
     )
     assert cfg.world.name == "text" and cfg.eval.rewards[0].weight == 2.0
     assert eval_metrics({"num_prompts": 2, "num_images": 4}) == {}  # no verifier: none of its
-    with pytest.raises(ValueError, match="unknown reward 'pickscore'"):
-        RunConfig.model_validate({"eval": {"rewards": [{"name": "pickscore"}]}})
+    with pytest.raises(ValueError, match="unknown reward 'hpsv2'"):
+        RunConfig.model_validate({"eval": {"rewards": [{"name": "hpsv2"}]}})
