@@ -2,10 +2,10 @@
 
 The socket is bound up front, so a port in use is a configuration error before any training
 starts, and port 0 gives a free port whose number is known at once (the driver writes the URL
-into ``status.json``). Beside training the app runs in its own process at a lower CPU priority
-(``nice`` + 10): the service only reads the run directory, so it needs nothing of the
-driver's, and a burst of requests cannot take the driver's CPU (measured on 2 cores:
-``bench.api_load``).
+into ``status.json``). Beside training the app runs in its own process at the lowest CPU
+priority (``nice`` 19, below even Ray's niced workers): the service only reads the run
+directory, so it needs nothing of the driver's, and a burst of requests yields the CPU to
+training (``bench.api_load`` measures it).
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ def _serve_child(
     sock: socket.socket, runs_dir: str, token: str, cors_origins: Sequence[str]
 ) -> None:
     """The child process: lower priority, the parent's log format, uvicorn on ``sock``."""
-    os.nice(10)
+    os.nice(19)  # below Ray's workers (niced themselves): the API never preempts training
     logging.basicConfig(
         level=logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
