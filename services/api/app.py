@@ -8,11 +8,11 @@ holds no run data: the page asks for the token and sends it as a header on each 
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi import Depends, FastAPI, HTTPException, Query
 from fastapi import Path as PathParam
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response
@@ -21,7 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from services.api.auth import BearerAuth
 from services.api.control import request_stop
-from services.api.hardening import HardenedHTTP, method_label, printable
+from services.api.hardening import HardenedHTTP, printable
 from services.api.models import (
     ErrorBody,
     Health,
@@ -32,7 +32,7 @@ from services.api.models import (
     SampleGrid,
     StopAccepted,
 )
-from services.api.prometheus import make_registry
+from services.api.prometheus import CountRequests, make_registry
 from services.api.reader import RunsReader
 
 log = logging.getLogger("elborl.api")
@@ -67,20 +67,11 @@ def create_app(runs_dir: str | Path, token: str, cors_origins: Sequence[str] = (
             allow_headers=["Authorization"],
         )
 
-    @app.middleware("http")
-    async def count_requests(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        response = await call_next(request)
-        route = request.scope.get("route")
-        template = getattr(route, "path", "unmatched")
-        requests.labels(method_label(request.method), template, str(response.status_code)).inc()
-        return response
-
+    app.add_middleware(CountRequests, counter=requests)
     app.add_middleware(HardenedHTTP)  # outermost: HEAD as GET, security headers
 
     @app.get("/healthz", tags=["health"])
-    def healthz() -> Health:
+    async def healthz() -> Health:
         """Liveness: answers while the process runs. No token needed."""
         return Health()
 
@@ -90,7 +81,7 @@ def create_app(runs_dir: str | Path, token: str, cors_origins: Sequence[str] = (
         dependencies=auth,
         responses={**ERRORS, 503: {"model": Ready, "description": "Runs dir unreadable."}},
     )
-    def readyz(response: Response) -> Ready:
+    async def readyz(response: Response) -> Ready:
         """Readiness: the runs directory exists and can be listed."""
         ready = reader.root.is_dir()
         if not ready:
@@ -98,7 +89,7 @@ def create_app(runs_dir: str | Path, token: str, cors_origins: Sequence[str] = (
         return Ready(ready=ready, runs_dir=str(reader.root), num_runs=len(reader.run_ids()))
 
     @app.get("/openapi.json", include_in_schema=False, dependencies=auth)
-    def openapi() -> JSONResponse:
+    async def openapi() -> JSONResponse:
         return JSONResponse(app.openapi())
 
     @app.get(
@@ -108,14 +99,14 @@ def create_app(runs_dir: str | Path, token: str, cors_origins: Sequence[str] = (
         responses={**ERRORS, 200: {"content": {"text/plain": {}}, "description": "Metrics."}},
         response_class=Response,
     )
-    def metrics() -> Response:
+    async def metrics() -> Response:
         """Prometheus text format: gauges and counters per run (label ``run``)."""
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     _add_run_routes(app, reader, auth)
 
     @app.get("/", include_in_schema=False)
-    def dashboard() -> FileResponse:
+    async def dashboard() -> FileResponse:
         return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
@@ -138,20 +129,20 @@ def _add_run_routes(app: FastAPI, reader: RunsReader, auth: list[Any]) -> None:
         return _run_path(reader, run_id)
 
     @app.get(f"{API}/runs", responses=ERRORS, **common)
-    def list_runs() -> RunList:
+    async def list_runs() -> RunList:
         """Every run in the served directory, the most recently updated first."""
         runs = [reader.summary(r) for r in reader.run_ids()]
         runs.sort(key=lambda s: s.updated or 0.0, reverse=True)
         return RunList(runs=runs)
 
     @app.get(f"{API}/runs/{{run_id}}", responses={**ERRORS, **NOT_FOUND}, **common)
-    def get_run(run_id: RunId) -> RunDetail:
+    async def get_run(run_id: RunId) -> RunDetail:
         """State, progress, reward and accuracy, throughput, ETA, workers, checkpoint, config."""
         run_path(run_id)
         return reader.detail(run_id)
 
     @app.get(f"{API}/runs/{{run_id}}/metrics", responses={**ERRORS, **NOT_FOUND}, **common)
-    def get_metrics(
+    async def get_metrics(
         run_id: RunId,
         since: Annotated[
             int, Query(ge=0, description="Only rounds after this one (for incremental polling).")
@@ -180,7 +171,7 @@ def _add_run_routes(app: FastAPI, reader: RunsReader, auth: list[Any]) -> None:
             409: {"model": ErrorBody, "description": "The run is not running."},
         },
     )
-    def stop_run(run_id: RunId) -> StopAccepted:
+    async def stop_run(run_id: RunId) -> StopAccepted:
         """Graceful stop: the run finishes the round in flight, checkpoints it and exits 0."""
         path = run_path(run_id)
         state = reader.detail(run_id).state
@@ -204,7 +195,7 @@ def _add_sample_routes(app: FastAPI, reader: RunsReader, common: dict[str, Any])
         responses={**ERRORS, 404: {"model": ErrorBody, "description": "No run, or no grid yet."}},
         **common,
     )
-    def latest_samples(
+    async def latest_samples(
         run_id: RunId,
         kind: Annotated[
             Literal["train", "eval"],
@@ -228,7 +219,7 @@ def _add_sample_routes(app: FastAPI, reader: RunsReader, common: dict[str, Any])
             404: {"model": ErrorBody, "description": "No such run or grid."},
         },
     )
-    def sample_file(
+    async def sample_file(
         run_id: RunId,
         file_name: Annotated[
             str, PathParam(description="A grid's file name, e.g. round_00010.png.")

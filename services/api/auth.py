@@ -15,7 +15,8 @@ _bearer = HTTPBearer(auto_error=False, description="The token from $ELBORL_TOKEN
 
 
 class BearerAuth:
-    """A FastAPI dependency comparing the bearer token in constant time."""
+    """A FastAPI dependency comparing the bearer token in constant time (``async``: it runs on
+    the event loop, not a worker thread)."""
 
     def __init__(self, token: str):
         self._token = token.encode()
@@ -23,7 +24,7 @@ class BearerAuth:
     def __repr__(self) -> str:
         return "BearerAuth(token=<hidden>)"
 
-    def __call__(
+    async def __call__(
         self,
         request: Request,
         credentials: HTTPAuthorizationCredentials | None = Depends(_bearer),  # noqa: B008

@@ -4,12 +4,13 @@ own request counter. Each app has its own registry (no process-global state)."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import get_args
+from typing import Any, get_args
 
 from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from services.api.hardening import ASGIApp, Message, Receive, Scope, Send, method_label
 from services.api.models import RunState
 from services.api.reader import RunsReader
 
@@ -96,3 +97,30 @@ def make_registry(reader: RunsReader) -> tuple[CollectorRegistry, Counter]:
         registry=registry,
     )
     return registry, requests
+
+
+class CountRequests:
+    """ASGI middleware counting requests by method, route template and status code (pure ASGI:
+    no per-request task or body stream, unlike ``@app.middleware("http")``)."""
+
+    def __init__(self, app: ASGIApp, counter: Counter):
+        self.app = app
+        self.counter = counter
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status: list[Any] = [500]  # an exception before the response counts as a 500
+
+        async def send_counted(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_counted)
+        finally:
+            route = scope.get("route")  # set by the router on the scope it was given
+            template = getattr(route, "path", "unmatched")
+            self.counter.labels(method_label(scope["method"]), template, str(status[0])).inc()

@@ -13,6 +13,7 @@ import os
 import re
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast, get_args
@@ -30,6 +31,9 @@ from services.api.models import (
     SampleGrid,
 )
 
+# A run's detail is rebuilt when one of its files changes, and at least this often (seconds): a
+# driver that died writes nothing, and its state must still turn to ``failed``.
+DETAIL_TTL_S = 1.0
 GRID_NAME = re.compile(r"^(?P<eval>eval_)?round_(?P<round>\d{5,})\.png$")
 LIVE_STATES = ("starting", "running", "stopping")
 # The configuration fields worth a glance; a whitelist, so nothing else (and never the
@@ -79,22 +83,20 @@ class RunsReader:
         self._lock = threading.Lock()
         self._history: dict[str, _HistoryCache] = {}
         self._configs: dict[str, tuple[float, dict[str, Any]]] = {}
+        self._details: dict[str, tuple[tuple[Any, ...], float, RunDetail]] = {}
 
     # ------------------------------------------------------------------ runs
     def run_ids(self) -> list[str]:
         if not self.root.is_dir():
             return []
-        return sorted(
-            p.name
-            for p in self.root.iterdir()
-            if p.is_dir()
-            and not p.name.startswith(".")
-            and ((p / "status.json").exists() or (p / "config.yaml").exists())
-        )
+        return sorted(p.name for p in self.root.iterdir() if _is_run(p))
 
     def path(self, run_id: str) -> Path | None:
         """The run's directory, or None: only names that list as runs, never a path."""
-        return self.root / run_id if run_id in self.run_ids() else None
+        if not run_id or "/" in run_id or "\0" in run_id:
+            return None
+        path = self.root / run_id
+        return path if _is_run(path) else None
 
     def status(self, run_id: str) -> dict[str, Any]:
         try:
@@ -108,6 +110,34 @@ class RunsReader:
         return RunSummary(**{k: getattr(d, k) for k in RunSummary.model_fields})
 
     def detail(self, run_id: str) -> RunDetail:
+        """The run's detail; cached until one of its files changes or ``DETAIL_TTL_S`` passes
+        (a dashboard and scrapers polling many times a second cost a few ``stat`` calls)."""
+        key = self._fingerprint(run_id)
+        now = time.monotonic()
+        with self._lock:
+            hit = self._details.get(run_id)
+        if hit is not None and hit[0] == key and now - hit[1] < DETAIL_TTL_S:
+            return hit[2]
+        detail = self._detail(run_id)
+        with self._lock:
+            self._details[run_id] = (key, now, detail)
+        return detail
+
+    def _fingerprint(self, run_id: str) -> tuple[Any, ...]:
+        """What the detail is read from: its files' sizes and modification times, the stop
+        request and the newest complete checkpoint."""
+        path = self.root / run_id
+        stats: list[tuple[int, int, int] | None] = []
+        for name in ("status.json", "metrics.jsonl", "config.yaml", STOP_FILE):
+            try:
+                st = (path / name).stat()
+                stats.append((st.st_ino, st.st_size, st.st_mtime_ns))
+            except OSError:
+                stats.append(None)
+        ckpt = _last_checkpoint(path)
+        return (*stats, ckpt.name if ckpt else None)
+
+    def _detail(self, run_id: str) -> RunDetail:
         path = self.root / run_id
         st = self.status(run_id)
         state, error = _state(st, path)
@@ -244,6 +274,15 @@ class RunsReader:
 
 
 # ---------------------------------------------------------------------- helpers
+def _is_run(path: Path) -> bool:
+    """A run directory: not hidden (nor ``.``/``..``), with a status or a config file."""
+    return (
+        not path.name.startswith(".")
+        and path.is_dir()
+        and ((path / "status.json").exists() or (path / "config.yaml").exists())
+    )
+
+
 def _state(status: dict[str, Any], path: Path) -> tuple[RunState, str | None]:
     """The state to report: the driver's, corrected when its process is visibly gone."""
     raw = status.get("state")

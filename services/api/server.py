@@ -3,9 +3,10 @@
 The socket is bound up front, so a port in use is a configuration error before any training
 starts, and port 0 gives a free port whose number is known at once (the driver writes the URL
 into ``status.json``). Beside training the app runs in its own process at the lowest CPU
-priority (``nice`` 19, below even Ray's niced workers): the service only reads the run
-directory, so it needs nothing of the driver's, and a burst of requests yields the CPU to
-training (``bench.api_load`` measures it).
+priority (``SCHED_IDLE`` on Linux, else ``nice`` 19; below even Ray's niced workers): the service
+only reads the run directory, so it needs nothing of the driver's, and a burst of requests
+yields the CPU to training. It holds at most ``MAX_IN_FLIGHT`` connections and requests; more
+get a 503 at once (``bench.api_load`` measures a burst's cost to the rounds).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from services.api.app import create_app
 from services.config import ConfigError
 
 log = logging.getLogger("elborl.api")
+MAX_IN_FLIGHT = 32  # connections and requests the service holds at once; more get a 503
 
 
 class ApiServer:
@@ -96,6 +98,10 @@ def _server(runs_dir: str, token: str, cors_origins: Sequence[str]) -> uvicorn.S
         access_log=False,  # request lines would carry query strings; nothing to gain
         lifespan="off",
         timeout_graceful_shutdown=2,
+        # Bounded work under a burst: past this many connections and requests in flight the
+        # service answers 503 at once instead of queueing without limit.
+        limit_concurrency=MAX_IN_FLIGHT,
+        backlog=64,
     )
     return uvicorn.Server(config)
 
@@ -104,13 +110,25 @@ def _serve_child(
     sock: socket.socket, runs_dir: str, token: str, cors_origins: Sequence[str]
 ) -> None:
     """The child process: lower priority, the parent's log format, uvicorn on ``sock``."""
-    os.nice(19)  # below Ray's workers (niced themselves): the API never preempts training
+    _lowest_priority()
     logging.basicConfig(
         level=logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
     _server(runs_dir, token, cors_origins).run(sockets=[sock])
+
+
+def _lowest_priority() -> None:
+    """Below Ray's workers (niced themselves): ``SCHED_IDLE`` where the OS has it (Linux; the
+    scheduler then runs the service on a core only when training leaves it idle, and a waking
+    training thread preempts it at once), else ``nice`` 19."""
+    os.nice(19)
+    if hasattr(os, "sched_setscheduler") and hasattr(os, "SCHED_IDLE"):
+        try:
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        except OSError as exc:  # a container that forbids it: nice 19 stays
+            log.info("SCHED_IDLE unavailable (%s); the status service runs at nice 19", exc)
 
 
 def _bind(host: str, port: int) -> socket.socket:

@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +23,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
+from services.api import reader as reader_module
 from services.api.app import create_app
 from services.api.control import STOP_FILE, load_token
-from services.api.server import ApiServer
+from services.api.reader import RunsReader
+from services.api.server import MAX_IN_FLIGHT, ApiServer
 from services.config import ConfigError, RunConfig, ServiceConfig
 from services.controller import Controller
 from services.run import RunDir
@@ -229,6 +233,36 @@ def test_a_driver_that_died_is_reported_failed(tmp_path: Path) -> None:
     assert d["state"] == "failed" and d["error"] == "RayActorError: the learner died"
 
 
+def test_a_cached_detail_follows_the_run_files_and_a_driver_death(
+    runs: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Repeated reads are served from the cache, a status write is seen by the next read, and
+    a driver that dies (writing nothing) turns the run failed once the cache's TTL passes."""
+    monkeypatch.setattr(reader_module, "DETAIL_TTL_S", 2.0)
+    status_file = runs / "live" / "status.json"
+    driver = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        status = {**json.loads(status_file.read_text()), "pid": driver.pid}
+        status_file.write_text(json.dumps(status))
+        reader = RunsReader(runs)
+        first = reader.detail("live")
+        assert first.state == "running" and reader.detail("live") is first  # cached
+        status_file.write_text(json.dumps({**status, "round": 4}))
+        assert reader.detail("live").round == 4  # the file changed: read again at once
+        driver.kill()
+        driver.wait()
+        assert reader.detail("live").state == "running"  # within the TTL: the cached detail
+        time.sleep(2.1)
+        assert reader.detail("live").state == "failed"  # past it: the dead driver is seen
+    finally:
+        driver.kill()
+    (runs / "live" / STOP_FILE).write_text("{}")
+    assert reader.detail("live").stop_requested
+    assert reader.path("live") == runs / "live"
+    for name in ("", ".", "..", "../live", "nope", "live/samples"):
+        assert reader.path(name) is None, name
+
+
 def test_prometheus_metrics(client: TestClient) -> None:
     client.get("/api/v1/runs", headers=AUTH)
     resp = client.get("/metrics", headers=AUTH)
@@ -324,6 +358,50 @@ def test_server_on_a_free_loopback_port_and_a_busy_port(runs: Path) -> None:
             ApiServer(runs, TOKEN, "127.0.0.1", port)
     finally:
         server.stop()
+
+
+def test_the_service_runs_at_idle_priority_and_bounds_requests_in_flight(runs: Path) -> None:
+    """Past MAX_IN_FLIGHT open connections a request gets a 503 at once (no unbounded queue),
+    and once they close the service answers again; its process runs at the lowest priority."""
+    server = ApiServer(runs, TOKEN, "127.0.0.1", 0).start()
+    host, port = "127.0.0.1", int(server.url.rsplit(":", 1)[1])
+    held: list[socket.socket] = []
+    try:
+        with httpx.Client(base_url=server.url, timeout=10) as http:
+            _wait_healthy(http)
+            assert server.process is not None and server.process.pid is not None
+            assert os.getpriority(os.PRIO_PROCESS, server.process.pid) == 19
+            if hasattr(os, "SCHED_IDLE"):
+                assert os.sched_getscheduler(server.process.pid) == os.SCHED_IDLE
+        held = [socket.create_connection((host, port)) for _ in range(MAX_IN_FLIGHT)]
+        for _ in range(100):  # the server accepts them asynchronously
+            with httpx.Client(base_url=server.url, timeout=10) as http:
+                if http.get("/healthz").status_code == 503:
+                    break
+        else:
+            pytest.fail(f"no 503 with {MAX_IN_FLIGHT} connections held open")
+        for sock in held:
+            sock.close()
+        with httpx.Client(base_url=server.url, timeout=10) as http:
+            for _ in range(100):
+                if http.get("/healthz").status_code == 200:
+                    break
+            else:
+                pytest.fail("the service did not recover after the connections closed")
+    finally:
+        for sock in held:
+            sock.close()
+        server.stop()
+
+
+def _wait_healthy(http: httpx.Client) -> None:
+    for _ in range(100):  # the child process needs a moment to start serving
+        try:
+            if http.get("/healthz").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+    pytest.fail("the status service never answered /healthz")
 
 
 # ---------------------------------------------------------------------- schemathesis
