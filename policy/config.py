@@ -31,8 +31,8 @@ class ModelConfig(Section):
         "tiny",
         description="Model family, a registered kind (`policy/models.py`): `tiny` is the "
         "built-in pixel-space flow model (weights from model.checkpoint); `sd3` (SD3/SD3.5), "
-        "`flux` (FLUX.1-dev/schnell) and `sd` (SD1.x/SD2.x, in the flow view) load the local "
-        "diffusers directory model.path.",
+        "`flux` (FLUX.1-dev/schnell) and `sd` (SD1.x/SD2.x or SDXL, in the flow view) load "
+        "the local diffusers directory model.path.",
     )
     checkpoint: str | None = Field(
         "checkpoints/shapes-base",

@@ -321,7 +321,9 @@ def latent_kind(
     def export(policy: Policy, out: Path, merged: bool, provenance: dict[str, Any]) -> list[str]:
         import diffusers
 
-        return export_transformer(policy, out, merged, getattr(diffusers, pipeline_class))
+        # A family with several pipelines (``sd``: SD1.x and SDXL) names its own.
+        name = getattr(type(policy), "pipeline", pipeline_class)
+        return export_transformer(policy, out, merged, getattr(diffusers, name))
 
     return ModelKind(
         arch_config=None,

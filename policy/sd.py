@@ -1,4 +1,4 @@
-"""Stable Diffusion 1.x / 2.x (VP UNets, epsilon or v-prediction) in the flow view.
+"""Stable Diffusion 1.x / 2.x and SDXL (VP UNets, epsilon or v-prediction) in the flow view.
 
 Component layer (no Ray), on ``policy.latent.LatentPolicy``: the ``UNet2DConditionModel`` is
 the only ``nn.Module`` child (``unet``); the CLIP text encoder, its tokenizer and the VAE sit
@@ -7,7 +7,12 @@ the learner are the ones every other family uses (``algo/vp.py`` has the change 
 ``forward(y, s)`` maps ``s`` to the UNet's fractional timestep with the same log-SNR, feeds it
 ``x_vp = y (alpha + sigma)``, and returns the velocity ``eps_hat - x0_hat``. Sampling runs on
 the scheduler's trailing DDIM timesteps (grid ``sd_trailing``, from ``s(T - 1)``), where Euler
-is DDIM with eta = 0. SDXL (two text encoders and added conditioning) is not supported yet.
+is DDIM with eta = 0. SDXL (``SDXLPolicy``) adds its second text encoder (the two penultimate
+hidden states side by side, the second's pooled projection) and the ``text_time`` added
+conditioning (pooled text and the size/crop ids ``(H, W, 0, 0, H, W)``, as diffusers' pipeline
+sends them at the generated size); its empty prompt is all zeros where the pipeline's
+``force_zeros_for_empty_prompt`` says so. The ``sd`` kind loads either, by the directory's
+``model_index.json``.
 """
 
 from __future__ import annotations
@@ -35,8 +40,12 @@ LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TRL's DDPO defaults for SD1.5, and what flow_grpo's SD1.5 configs inherit."""
 
 PIPELINE = "StableDiffusionPipeline"
+XL_PIPELINE = "StableDiffusionXLPipeline"
 REQUIRED_PARTS = ("unet", "vae", "scheduler")
-TEXT_PARTS = ("text_encoder", "tokenizer")
+TEXT_PARTS = {
+    PIPELINE: ("text_encoder", "tokenizer"),
+    XL_PIPELINE: ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"),
+}
 PREDICTIONS = ("epsilon", "v_prediction")
 
 
@@ -46,6 +55,7 @@ class SDPolicy(LatentPolicy):
     prediction_type: ClassVar[PredictionType] = "flow"
     kind: ClassVar[str] = "sd"
     denoiser_name: ClassVar[str] = "unet"
+    pipeline: ClassVar[str] = PIPELINE
 
     def __init__(self, unet: torch.nn.Module, frozen: Frozen, *args: Any, **kw: Any):
         super().__init__(unet, frozen, *args, **kw)
@@ -78,18 +88,23 @@ class SDPolicy(LatentPolicy):
         tau = fractional_timestep(t, self.alphas_cumprod)
         alpha, sigma = (v.float().view(-1, 1, 1, 1) for v in alpha_sigma(t))
         x_vp = x_t.float() * (alpha + sigma)
-        dtype = self.dtype
-        out = self.denoiser(
-            x_vp.to(dtype),
-            tau.to(dtype),
-            encoder_hidden_states=cond["prompt_embeds"].to(dtype),
-            return_dict=False,
-        )[0].float()
+        out = self._unet(x_vp, tau, cond).float()
         if self.vp_prediction == "v_prediction":
             eps, x0 = sigma * x_vp + alpha * out, alpha * x_vp - sigma * out
         else:
             eps, x0 = out, (x_vp - sigma * out) / alpha
         return eps - x0
+
+    def _unet(self, x_vp: Tensor, tau: Tensor, cond: dict[str, Tensor]) -> Tensor:
+        """The UNet's raw output (epsilon or v) at VP latents ``x_vp`` and timesteps ``tau``."""
+        dtype = self.dtype
+        out: Tensor = self.denoiser(
+            x_vp.to(dtype),
+            tau.to(dtype),
+            encoder_hidden_states=cond["prompt_embeds"].to(dtype),
+            return_dict=False,
+        )[0]
+        return out
 
     def sampling_grid(self, shift: float, grid: str) -> tuple[float, str]:
         """Always the scheduler's trailing DDIM timesteps: the only grid that starts within
@@ -97,14 +112,56 @@ class SDPolicy(LatentPolicy):
         return 1.0, "sd_trailing"
 
 
+class SDXLPolicy(SDPolicy):
+    """SDXL in flow coordinates: ``SDPolicy`` with two text encoders and the ``text_time``
+    added conditioning."""
+
+    pipeline: ClassVar[str] = XL_PIPELINE
+
+    def _encode_text(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
+        """``prompt_embeds`` (B, 77, D1 + D2) and the second encoder's pooled projection
+        (B, P); zeros for the empty prompt when the pipeline forces them (SDXL base does:
+        its unconditional branch is all zeros, not the encoded empty string)."""
+        pipe = self.frozen.pipe
+        embeds, _, pooled, _ = pipe.encode_prompt(
+            prompts,
+            device=pipe.text_encoder_2.device,
+            num_images_per_prompt=1,
+            do_classifier_free_guidance=False,
+        )
+        if pipe.config.force_zeros_for_empty_prompt:
+            empty = torch.tensor([p == "" for p in prompts], device=embeds.device)
+            embeds = torch.where(empty.view(-1, 1, 1), 0.0, embeds)
+            pooled = torch.where(empty.view(-1, 1), 0.0, pooled)
+        return embeds, pooled
+
+    def _unet(self, x_vp: Tensor, tau: Tensor, cond: dict[str, Tensor]) -> Tensor:
+        dtype, side = self.dtype, float(self.image_size)
+        # (original size, crop top-left, target size): the generated size, uncropped.
+        ids = torch.tensor([side, side, 0.0, 0.0, side, side], device=x_vp.device, dtype=dtype)
+        added = {
+            "text_embeds": cond["pooled"].to(dtype),
+            "time_ids": ids.expand(x_vp.shape[0], 6),
+        }
+        out: Tensor = self.denoiser(
+            x_vp.to(dtype),
+            tau.to(dtype),
+            encoder_hidden_states=cond["prompt_embeds"].to(dtype),
+            added_cond_kwargs=added,
+            return_dict=False,
+        )[0]
+        return out
+
+
 def check_sd_directory(path: str | Path, text_encoders: bool = True) -> Path:
-    """``path`` as a diffusers SD1.x/SD2.x directory with the schedule the flow view supports
-    (scaled-linear betas 0.00085-0.012 over 1000 steps; epsilon or v-prediction), or a
-    ``ValueError`` naming what is missing or unsupported."""
+    """``path`` as a diffusers SD1.x/SD2.x or SDXL directory with the schedule the flow view
+    supports (scaled-linear betas 0.00085-0.012 over 1000 steps; epsilon or v-prediction), or
+    a ``ValueError`` naming what is missing or unsupported."""
     from policy.latent import read_json
 
-    parts = [*REQUIRED_PARTS, *(TEXT_PARTS if text_encoders else ())]
-    root = check_directory(path, PIPELINE, parts, weighted=("unet", "vae"))
+    pipeline = _pipeline_of(path)
+    parts = [*REQUIRED_PARTS, *(TEXT_PARTS[pipeline] if text_encoders else ())]
+    root = check_directory(path, pipeline, parts, weighted=("unet", "vae"))
     sched = read_json(root / "scheduler" / "scheduler_config.json")
     got = (sched.get("beta_start"), sched.get("beta_end"), sched.get("num_train_timesteps"))
     if sched.get("beta_schedule") != "scaled_linear" or got != SD_BETAS:
@@ -120,6 +177,16 @@ def check_sd_directory(path: str | Path, text_encoders: bool = True) -> Path:
     return root
 
 
+def _pipeline_of(path: str | Path) -> str:
+    """The directory's pipeline class when it is one the ``sd`` kind loads, else SD1.x's (so
+    that ``check_directory`` names what is missing or wrong)."""
+    from policy.latent import read_json
+
+    index = Path(path) / "model_index.json"
+    name = read_json(index).get("_class_name") if index.is_file() else None
+    return name if name in TEXT_PARTS else PIPELINE
+
+
 def load_sd(
     path: str | Path,
     dtype: torch.dtype = torch.float32,
@@ -127,19 +194,24 @@ def load_sd(
     max_sequence_length: int = 77,
     text_encoders: bool = True,
 ) -> SDPolicy:
-    """Load an SD1.x/SD2.x pipeline from a local directory (never a hub) as an ``SDPolicy``;
-    ``text_encoders=False`` leaves CLIP out (a learner rank). The VAE stays in float32."""
-    from diffusers import StableDiffusionPipeline
+    """Load an SD1.x/SD2.x or SDXL pipeline from a local directory (never a hub) as an
+    ``SDPolicy`` or ``SDXLPolicy``; ``text_encoders=False`` leaves CLIP out (a learner rank).
+    The VAE stays in float32."""
+    import diffusers
 
     root = check_sd_directory(path)
-    extra: dict[str, Any] = {"safety_checker": None, "feature_extractor": None}
+    pipeline = _pipeline_of(root)
+    extra: dict[str, Any] = {"feature_extractor": None}
+    if pipeline == PIPELINE:
+        extra["safety_checker"] = None
     if (root / "image_encoder").exists():
         extra["image_encoder"] = None
     if not text_encoders:
-        extra.update(dict.fromkeys(TEXT_PARTS))
-    pipe = load_pipeline(StableDiffusionPipeline, root, dtype, **extra)
+        extra.update(dict.fromkeys(TEXT_PARTS[pipeline]))
+    pipe = load_pipeline(getattr(diffusers, pipeline), root, dtype, **extra)
     unet, size = take_denoiser(pipe, "unet", image_size)
-    return SDPolicy(unet, Frozen(pipe), size, max_sequence_length)
+    policy_class = SDXLPolicy if pipeline == XL_PIPELINE else SDPolicy
+    return policy_class(unet, Frozen(pipe), size, max_sequence_length)
 
 
 MODELS.add("sd", latent_kind(load_sd, check_sd_directory, LORA_TARGETS, PIPELINE))
