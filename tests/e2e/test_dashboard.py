@@ -46,7 +46,13 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path
     """A finished 3-round run (a sample grid every round, two evaluations) behind `elborl serve`."""
     tmp = tmp_path_factory.mktemp("dash")
     cfg = tiny_config(
-        tmp, train={"rounds": 3, "eval_every": 2, "sample_grid_every": 1, "checkpoint_every": 0}
+        tmp,
+        train={"rounds": 3, "eval_every": 2, "sample_grid_every": 1, "checkpoint_every": 0},
+        # Two training rewards and a watched one: the per-reward panel has curves to draw.
+        rewards={
+            "functions": [{"name": "shapes"}, {"name": "jpeg_compressibility", "weight": 0.1}]
+        },
+        eval={"rewards": [{"name": "jpeg_incompressibility"}], "images_per_prompt": 2},
     )
     out = run_train(["--config", str(cfg)])
     assert out.returncode == 0, out.stderr[-4000:]
@@ -107,6 +113,20 @@ def test_dashboard_in_headless_chromium(served: tuple[str, Path], tmp_path: Path
             assert page.locator("#state").inner_text().lower() == "finished"
             assert page.locator("#reward-chart circle.pt").count() == 3
             assert page.locator("#accuracy-chart .eval circle.pt").count() == 2  # rounds 2, 3
+            # Per reward: each training reward's rollout curve, the watched one's held-out
+            # points (rounds 2, 3) and diversity, each on its own chart.
+            page.wait_for_selector("#rewards-section:not([hidden])", timeout=30_000)
+            charts = page.locator("#reward-charts figure")
+            names = [charts.nth(i).get_attribute("data-reward") for i in range(charts.count())]
+            assert names == ["jpeg_compressibility", "jpeg_incompressibility", "shapes",
+                             "diversity"]  # fmt: skip
+            one = '#reward-charts figure[data-reward="{}"] {}'
+            assert page.locator(one.format("shapes", ".train polyline")).count() == 1
+            assert page.locator(one.format("shapes", ".eval circle.pt")).count() == 0
+            assert (
+                page.locator(one.format("jpeg_incompressibility", ".eval circle.pt")).count() == 2
+            )
+            assert page.locator(one.format("diversity", ".eval circle.pt")).count() == 2
             assert page.locator("#samples-list li").count() == 16
             assert page.locator("#round").inner_text() == "3"
             assert page.locator("#workers tbody tr").count() == 3

@@ -9,8 +9,14 @@ const params = new URLSearchParams(location.search);
 const REFRESH_S = Math.max(1, Number(params.get("refresh")) || 3);
 const SVG_NS = "http://www.w3.org/2000/svg";
 const CURVE_KEYS = ["reward/mean", "reward/std", "reward/accuracy", "eval/accuracy"];
+// Keys under reward/ that are not one reward's own mean, and eval/reward_* that are not a
+// watched reward's.
+const NOT_A_REWARD = new Set(["mean", "std", "accuracy", "diversity", "valid_fraction"]);
 
-const view = { run: params.get("run"), history: [], lastRound: 0, gridUrl: null, timer: null };
+const view = {
+  run: params.get("run"), history: [], lastRound: 0, gridUrl: null, timer: null,
+  keys: [...CURVE_KEYS],
+};
 const $ = (id) => document.getElementById(id);
 
 // ------------------------------------------------------------------ token
@@ -228,15 +234,75 @@ function drawCharts() {
   );
 }
 
+// Each reward's own curves: the training rewards' (reward/<name>) from the rollouts, the
+// watched ones' (eval/reward_<name>) on held-out prompts, and the diversity of each prompt's
+// images; a chart per name, each on its own scale (rewards differ by orders of magnitude).
+function rewardNames(keys) {
+  const names = new Set();
+  for (const k of keys) {
+    const m = k.match(/^reward\/(.+)$/) || k.match(/^eval\/reward_(.+)$/);
+    if (m && !NOT_A_REWARD.has(m[1])) names.add(m[1]);
+  }
+  return [...names].sort();
+}
+
+function rewardKeys(keys) {
+  const names = rewardNames(keys);
+  const out = names.flatMap((n) => [`reward/${n}`, `eval/reward_${n}`]);
+  return [...out, "reward/diversity", "eval/diversity"].filter((k) => keys.includes(k));
+}
+
+function drawRewardCharts() {
+  const pts = (key) =>
+    view.history.filter((r) => r.values[key] != null).map((r) => [r.round, r.values[key]]);
+  const names = rewardNames(view.keys);
+  const panels = names.map((n) => [n, `reward/${n}`, `eval/reward_${n}`]);
+  if (view.keys.some((k) => k.endsWith("/diversity"))) {
+    panels.push(["diversity", "reward/diversity", "eval/diversity"]);
+  }
+  // One reward alone is the reward chart already; the panel is for several, or watched ones.
+  const show = names.length > 1 || view.keys.some((k) => k.startsWith("eval/reward_"));
+  $("rewards-section").hidden = !show;
+  if (!show) return;
+  const box = $("reward-charts");
+  box.replaceChildren(
+    ...panels.map(([name, train, held]) => {
+      const fig = document.createElement("figure");
+      fig.dataset.reward = name;
+      const cap = document.createElement("figcaption");
+      cap.textContent = name;
+      const svg = document.createElementNS(SVG_NS, "svg");
+      svg.setAttribute("viewBox", "0 0 640 260");
+      svg.setAttribute("role", "img");
+      svg.setAttribute("aria-label", `${name} per round`);
+      fig.append(cap, svg);
+      lineChart(svg, [
+        { name: "rollouts", cls: "train", points: pts(train), dots: false },
+        { name: "held-out", cls: "eval", points: pts(held), dots: true },
+      ]);
+      return fig;
+    }),
+  );
+}
+
 async function refreshHistory(run, round) {
   if (round < view.lastRound) { view.history = []; view.lastRound = 0; } // resumed: rewritten
-  const keys = CURVE_KEYS.map(encodeURIComponent).join(",");
+  const keys = view.keys.map(encodeURIComponent).join(",");
   const m = await apiJson(`${API}/runs/${encodeURIComponent(run)}/metrics?since=${view.lastRound}&keys=${keys}`);
+  const wanted = [...CURVE_KEYS, ...rewardKeys(m.keys)];
+  if (wanted.some((k) => !view.keys.includes(k))) {
+    // Per-reward metrics seen for the first time: fetch the whole history with them.
+    view.keys = wanted;
+    view.history = [];
+    view.lastRound = 0;
+    return refreshHistory(run, round);
+  }
   if (m.records.length) {
     view.history.push(...m.records);
     view.lastRound = m.records[m.records.length - 1].round;
   }
   drawCharts();
+  drawRewardCharts();
 }
 
 // ------------------------------------------------------------------ samples
@@ -316,6 +382,7 @@ function restart() {
   clearTimeout(view.timer);
   view.history = [];
   view.lastRound = 0;
+  view.keys = [...CURVE_KEYS];
   view.gridUrl = null;
   refresh();
 }
