@@ -12,8 +12,8 @@ With ``R`` the reward of one image and ``mean_g`` the mean over its prompt group
 
 Degenerate groups are explicit: a group of size 1 or with zero reward variance carries no
 preference signal, so its advantages are set to **exactly 0** (not left to ``R - mean`` round-off
-or a 0/1e-4 division) and counted in the metrics (``reward/zero_std_groups``,
-``reward/singleton_groups``). Statistics are computed in float64.
+or a 0/1e-4 division) and counted in the metrics (``advantage/zero_std_groups``,
+``advantage/singleton_groups``). Statistics are computed in float64.
 
 Source: DESIGN.md s.1; checked against ``jaemoo-choi/rethinking-diffusion-rl``
 ``src/utils/__init__.py:PerPromptStatTracker.update`` (population std, ``+ 1e-4``).
@@ -124,17 +124,17 @@ def compute_advantages(
     adv = torch.where(degenerate_g[inverse], torch.zeros_like(adv), adv)
     out_dtype = torch.promote_types(rewards.dtype, torch.float32)
     metrics = {
-        "reward/num_groups": float(num_groups),
-        "reward/group_size_mean": float(counts.double().mean()),
-        "reward/singleton_groups": float((counts == 1).sum()),
-        "reward/zero_std_groups": float(((var_g == 0) & (counts > 1)).sum()),
-        "reward/zero_std_ratio": float(degenerate_g.double().mean()),
-        "reward/group_std_mean": float(std_g.mean()),
-        "reward/adv_mean": float(adv.mean()),
-        "reward/adv_std": float(adv.std(unbiased=False)),
-        "reward/adv_abs_mean": float(adv.abs().mean()),
-        "reward/adv_max": float(adv.max()),
-        "reward/adv_min": float(adv.min()),
+        "advantage/num_groups": float(num_groups),
+        "advantage/group_size_mean": float(counts.double().mean()),
+        "advantage/singleton_groups": float((counts == 1).sum()),
+        "advantage/zero_std_groups": float(((var_g == 0) & (counts > 1)).sum()),
+        "advantage/zero_std_ratio": float(degenerate_g.double().mean()),
+        "advantage/group_std_mean": float(std_g.mean()),
+        "advantage/mean": float(adv.mean()),
+        "advantage/std": float(adv.std(unbiased=False)),
+        "advantage/abs_mean": float(adv.abs().mean()),
+        "advantage/max": float(adv.max()),
+        "advantage/min": float(adv.min()),
     }
     return adv.to(out_dtype), metrics
 

@@ -2,12 +2,13 @@
 reward-serve``): security headers on every response, HEAD answered wherever GET is, request
 methods and log text bounded to what cannot grow a metric or corrupt a terminal.
 
-A pure ASGI middleware (``HardenedHTTP``), so it wraps any Starlette/FastAPI app, including the
-standalone reward server's app that ``elborl reward-serve`` runs.
+Pure ASGI middlewares (``HardenedHTTP``, ``LimitInFlight``), so they wrap any Starlette/FastAPI
+app, including the standalone reward server's app that ``elborl reward-serve`` runs.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -72,3 +73,37 @@ class HardenedHTTP:
             await send(message)
 
         await self.app(scope, receive, send_hardened)
+
+
+class LimitInFlight:
+    """ASGI middleware: at most ``limit`` HTTP requests in progress; one more is answered 503
+    at once (``Retry-After: 1``) instead of queueing, so a burst costs bounded work and memory.
+    Requests, not connections: idle keep-alive connections (a dashboard tab holds several) do
+    not count."""
+
+    def __init__(self, app: ASGIApp, limit: int):
+        self.app, self.limit, self.in_flight = app, limit, 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if self.in_flight >= self.limit:
+            await _busy(send, self.limit)
+            return
+        self.in_flight += 1  # one event loop: no lock needed
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+
+
+async def _busy(send: Send, limit: int) -> None:
+    body = json.dumps({"detail": f"busy: {limit} requests in progress; retry shortly"}).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"retry-after", b"1"),
+    ]
+    await send({"type": "http.response.start", "status": 503, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

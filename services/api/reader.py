@@ -112,20 +112,21 @@ class RunsReader:
     def detail(self, run_id: str) -> RunDetail:
         """The run's detail; cached until one of its files changes or ``DETAIL_TTL_S`` passes
         (a dashboard and scrapers polling many times a second cost a few ``stat`` calls)."""
-        key = self._fingerprint(run_id)
+        ckpt = _last_checkpoint(self.root / run_id)
+        key = (*self._fingerprint(run_id), ckpt.name if ckpt else None)
         now = time.monotonic()
         with self._lock:
             hit = self._details.get(run_id)
         if hit is not None and hit[0] == key and now - hit[1] < DETAIL_TTL_S:
             return hit[2]
-        detail = self._detail(run_id)
+        detail = self._detail(run_id, ckpt)
         with self._lock:
             self._details[run_id] = (key, now, detail)
         return detail
 
     def _fingerprint(self, run_id: str) -> tuple[Any, ...]:
-        """What the detail is read from: its files' sizes and modification times, the stop
-        request and the newest complete checkpoint."""
+        """What the detail is read from besides the newest complete checkpoint: its files'
+        identities, sizes and modification times, and the stop request."""
         path = self.root / run_id
         stats: list[tuple[int, int, int] | None] = []
         for name in ("status.json", "metrics.jsonl", "config.yaml", STOP_FILE):
@@ -134,10 +135,9 @@ class RunsReader:
                 stats.append((st.st_ino, st.st_size, st.st_mtime_ns))
             except OSError:
                 stats.append(None)
-        ckpt = _last_checkpoint(path)
-        return (*stats, ckpt.name if ckpt else None)
+        return tuple(stats)
 
-    def _detail(self, run_id: str) -> RunDetail:
+    def _detail(self, run_id: str, ckpt: Path | None) -> RunDetail:
         path = self.root / run_id
         st = self.status(run_id)
         state, error = _state(st, path)
@@ -145,7 +145,6 @@ class RunsReader:
         last = history[-1] if history else {}
         accuracy, accuracy_round = _latest(history, "eval/accuracy")
         config = self.config(run_id)
-        ckpt = _last_checkpoint(path)
         return RunDetail(
             run_id=run_id,
             state=state,
@@ -275,12 +274,16 @@ class RunsReader:
 
 # ---------------------------------------------------------------------- helpers
 def _is_run(path: Path) -> bool:
-    """A run directory: not hidden (nor ``.``/``..``), with a status or a config file."""
-    return (
-        not path.name.startswith(".")
-        and path.is_dir()
-        and ((path / "status.json").exists() or (path / "config.yaml").exists())
-    )
+    """A run directory: not hidden (nor ``.``/``..``), with a status or a config file (a name
+    the filesystem refuses, e.g. too long, is none)."""
+    try:
+        return (
+            not path.name.startswith(".")
+            and path.is_dir()
+            and ((path / "status.json").exists() or (path / "config.yaml").exists())
+        )
+    except OSError:
+        return False
 
 
 def _state(status: dict[str, Any], path: Path) -> tuple[RunState, str | None]:

@@ -5,8 +5,9 @@ starts, and port 0 gives a free port whose number is known at once (the driver w
 into ``status.json``). Beside training the app runs in its own process at the lowest CPU
 priority (``SCHED_IDLE`` on Linux, else ``nice`` 19; below even Ray's niced workers): the service
 only reads the run directory, so it needs nothing of the driver's, and a burst of requests
-yields the CPU to training. It holds at most ``MAX_IN_FLIGHT`` connections and requests; more
-get a 503 at once (``bench.api_load`` measures a burst's cost to the rounds).
+yields the CPU to training. It works on at most ``app.MAX_IN_FLIGHT`` requests and holds at most
+``MAX_CONNECTIONS`` connections at once; more get a 503 at once (``bench.api_load`` measures a
+burst's cost to the rounds).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from services.api.app import create_app
 from services.config import ConfigError
 
 log = logging.getLogger("elborl.api")
-MAX_IN_FLIGHT = 32  # connections and requests the service holds at once; more get a 503
+MAX_CONNECTIONS = 512  # open connections (dashboards keep a few each alive); more get a 503
 
 
 class ApiServer:
@@ -98,9 +99,9 @@ def _server(runs_dir: str, token: str, cors_origins: Sequence[str]) -> uvicorn.S
         access_log=False,  # request lines would carry query strings; nothing to gain
         lifespan="off",
         timeout_graceful_shutdown=2,
-        # Bounded work under a burst: past this many connections and requests in flight the
-        # service answers 503 at once instead of queueing without limit.
-        limit_concurrency=MAX_IN_FLIGHT,
+        # Connections held open at once (idle keep-alive ones count); past it uvicorn answers
+        # 503. The app itself bounds the requests in progress (``create_app``'s max_in_flight).
+        limit_concurrency=MAX_CONNECTIONS,
         backlog=64,
     )
     return uvicorn.Server(config)

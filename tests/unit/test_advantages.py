@@ -24,11 +24,11 @@ def _group_sums(adv: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
 def test_exact_advantage_is_scaled_centered_reward() -> None:
     adv, metrics = compute_advantages(REWARDS, GROUPS)
     torch.testing.assert_close(adv, torch.tensor([-0.1, 0.0, 0.1, 0.0, 0.0, 0.0]))
-    assert metrics["reward/num_groups"] == 3.0
-    assert metrics["reward/zero_std_groups"] == 1.0
-    assert metrics["reward/singleton_groups"] == 1.0
-    assert metrics["reward/zero_std_ratio"] == pytest.approx(2 / 3)
-    assert metrics["reward/group_size_mean"] == 2.0
+    assert metrics["advantage/num_groups"] == 3.0
+    assert metrics["advantage/zero_std_groups"] == 1.0
+    assert metrics["advantage/singleton_groups"] == 1.0
+    assert metrics["advantage/zero_std_ratio"] == pytest.approx(2 / 3)
+    assert metrics["advantage/group_size_mean"] == 2.0
 
 
 def test_standard_advantage_divides_by_group_or_round_std() -> None:
@@ -59,8 +59,8 @@ def test_group_means_are_zero_with_unsorted_sparse_labels(config: AdvantageConfi
     adv, metrics = compute_advantages(rewards, labels, config)
     assert torch.isfinite(adv).all()
     torch.testing.assert_close(_group_sums(adv, labels), torch.zeros(3), atol=1e-6, rtol=0)
-    assert metrics["reward/num_groups"] == 3.0
-    assert metrics["reward/adv_mean"] == pytest.approx(0.0, abs=1e-7)
+    assert metrics["advantage/num_groups"] == 3.0
+    assert metrics["advantage/mean"] == pytest.approx(0.0, abs=1e-7)
 
 
 @pytest.mark.parametrize(
@@ -75,9 +75,9 @@ def test_degenerate_groups_give_exact_zeros_without_nan(config: AdvantageConfig)
     rewards = torch.tensor([0.1, 0.1, 0.1, 0.3])  # 0.1 * 3 / 3 != 0.1 in float: must still be 0
     adv, metrics = compute_advantages(rewards, torch.tensor([0, 0, 0, 1]), config)
     assert torch.equal(adv, torch.zeros(4))
-    assert metrics["reward/zero_std_groups"] == 1.0
-    assert metrics["reward/singleton_groups"] == 1.0
-    assert metrics["reward/zero_std_ratio"] == 1.0
+    assert metrics["advantage/zero_std_groups"] == 1.0
+    assert metrics["advantage/singleton_groups"] == 1.0
+    assert metrics["advantage/zero_std_ratio"] == 1.0
     assert all(math.isfinite(v) for v in metrics.values())
 
 
