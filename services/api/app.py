@@ -24,7 +24,7 @@ from fastapi import Path as PathParam
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from services.api.auth import BearerAuth
 from services.api.control import request_stop
@@ -87,6 +87,22 @@ def create_app(
     app.add_middleware(CountRequests, counter=requests)  # counts the 503s too
     app.add_middleware(HardenedHTTP)  # outermost: HEAD as GET, security headers
 
+    _add_service_routes(app, reader, registry, auth)
+    _add_run_routes(app, reader, auth)
+
+    @app.get("/", include_in_schema=False)
+    async def dashboard() -> FileResponse:
+        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return app
+
+
+def _add_service_routes(
+    app: FastAPI, reader: RunsReader, registry: CollectorRegistry, auth: list[Any]
+) -> None:
+    """Health, readiness, the schema and Prometheus' ``/metrics``."""
+
     @app.get("/healthz", tags=["health"])
     async def healthz() -> Health:
         """Liveness: answers while the process runs. No token needed."""
@@ -119,15 +135,6 @@ def create_app(
     async def metrics() -> Response:
         """Prometheus text format: gauges and counters per run (label ``run``)."""
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
-
-    _add_run_routes(app, reader, auth)
-
-    @app.get("/", include_in_schema=False)
-    async def dashboard() -> FileResponse:
-        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
-
-    app.mount("/static", StaticFiles(directory=STATIC), name="static")
-    return app
 
 
 def _run_path(reader: RunsReader, run_id: str) -> Path:
