@@ -44,13 +44,21 @@ def _load(args: argparse.Namespace) -> RunConfig:
     return load_config(path, args.overrides)
 
 
+Subcommands = argparse._SubParsersAction  # what add_subparsers returns
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="elborl",
         description="RL fine-tuning of text-to-image flow/diffusion models with ELBO likelihoods.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in COMMANDS:
+        add(sub)
+    return parser
 
+
+def _add_pretrain_command(sub: Subcommands) -> None:
     p = sub.add_parser("pretrain", help="pretrain the built-in base policy on rendered shapes")
     _add_config_args(p, "configs/pretrain.yaml")
     p.add_argument(
@@ -64,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_cmd_pretrain)
 
+
+def _add_eval_command(sub: Subcommands) -> None:
     p = sub.add_parser("eval", help="held-out GenEval-style accuracy of a checkpoint")
     _add_config_args(p)
     p.add_argument(
@@ -101,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.set_defaults(func=_cmd_eval)
 
+
+def _add_train_command(sub: Subcommands) -> None:
     p = sub.add_parser("train", help="RL fine-tuning on a local or remote Ray cluster")
     _add_config_args(p)
     p.add_argument(
@@ -113,12 +125,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_cmd_train)
 
+
+def _add_export_command(sub: Subcommands) -> None:
     p = sub.add_parser(
         "export",
         help="write a run's trained policy where its family's tools load it",
         description="Export the trained policy of a run's checkpoint (the latest complete one, "
         "or --round N): a `tiny` policy as a saved policy directory (usable as "
-        "model.checkpoint); an `sd3` LoRA in diffusers' LoRA format "
+        "model.checkpoint); an `sd3`, `flux` or `sd` LoRA in diffusers' LoRA format "
         "(pipe.load_lora_weights(OUT)), or with --merged the merged transformer "
         "(save_pretrained). A model card (README.md) records the base, config and metrics.",
     )
@@ -129,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p, default=None)
     p.set_defaults(func=_cmd_export)
 
+
+def _add_reward_serve_command(sub: Subcommands) -> None:
     p = sub.add_parser(
         "reward-serve",
         help="serve rewards over the elborl-reward/1 protocol",
@@ -151,10 +167,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-concurrency", type=int, default=1, help="batches scored at once")
     p.set_defaults(func=_cmd_reward_serve)
 
+
+def _add_config_command(sub: Subcommands) -> None:
     p = sub.add_parser("config", help="validate a configuration and print it fully resolved")
     _add_config_args(p)
     p.set_defaults(func=_cmd_config)
 
+
+def _add_serve_command(sub: Subcommands) -> None:
     p = sub.add_parser(
         "serve",
         help="serve the status API and dashboard for the runs in a directory",
@@ -172,6 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, help="TCP port (default: service.port, 8470; 0 = any)")
     p.set_defaults(func=_cmd_serve)
 
+
+def _add_status_command(sub: Subcommands) -> None:
     p = sub.add_parser(
         "status",
         help="print a run's state from a status service as a table",
@@ -183,7 +205,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", metavar="RUN", help="show one run in detail (default: list them)")
     p.add_argument("--json", action="store_true", help="print the JSON response instead")
     p.set_defaults(func=_cmd_status)
-    return parser
+
+
+COMMANDS = (
+    _add_pretrain_command,
+    _add_eval_command,
+    _add_train_command,
+    _add_export_command,
+    _add_reward_serve_command,
+    _add_config_command,
+    _add_serve_command,
+    _add_status_command,
+)
 
 
 def _cmd_config(args: argparse.Namespace, cfg: RunConfig) -> int:
