@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -19,6 +19,9 @@ import torch
 from services.config import ConfigError, RunConfig
 from services.prompts import read_prompt_lines, resolve_prompts
 from worlds.base import make_world
+
+if TYPE_CHECKING:  # pretraining's modules load only when a command needs them
+    from policy.pretrain import PretrainState
 
 log = logging.getLogger("elborl")
 
@@ -104,28 +107,7 @@ def run_pretrain(
         )
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
-    provenance: dict[str, Any] = {
-        "command": " ".join(
-            [
-                "elborl pretrain",
-                *(["--config", config_path] if config_path else []),
-                *(f"--set {o}" for o in overrides),
-            ]
-        ),
-        "seed": cfg.seed,
-        "steps": state.step,
-        "seconds": round(state.seconds, 1),
-        "final_loss_ema": round(state.loss_ema, 5),
-        "evals": state.evals,
-        "parameters": nparams,
-        "pretrain": cfg.pretrain.model_dump(mode="json"),
-        "eval": cfg.eval.model_dump(mode="json"),
-        "git_commit": _git_commit(),
-        "torch": torch.__version__,
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}",
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    save_policy(ema, out, provenance)
+    save_policy(ema, out, _pretrain_provenance(cfg, state, nparams, config_path, overrides))
     if state.step >= cfg.pretrain.steps:
         drop_snapshot(snapshots)
     else:
@@ -148,6 +130,32 @@ def run_pretrain(
         last.get("accuracy", "n/a"),
     )
     return 0
+
+
+def _pretrain_provenance(
+    cfg: RunConfig,
+    state: PretrainState,
+    nparams: int,
+    config_path: str | None,
+    overrides: list[str],
+) -> dict[str, Any]:
+    """What a pretrained checkpoint records of how it was made (its ``provenance``)."""
+    command = ["elborl pretrain", *(["--config", config_path] if config_path else [])]
+    return {
+        "command": " ".join([*command, *(f"--set {o}" for o in overrides)]),
+        "seed": cfg.seed,
+        "steps": state.step,
+        "seconds": round(state.seconds, 1),
+        "final_loss_ema": round(state.loss_ema, 5),
+        "evals": state.evals,
+        "parameters": nparams,
+        "pretrain": cfg.pretrain.model_dump(mode="json"),
+        "eval": cfg.eval.model_dump(mode="json"),
+        "git_commit": _git_commit(),
+        "torch": torch.__version__,
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}",
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
 
 
 def _eval_policy(cfg: RunConfig, args: argparse.Namespace) -> tuple[Any, str]:
