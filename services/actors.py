@@ -35,6 +35,15 @@ def _threads(num: int) -> None:
     torch.set_num_threads(num)
 
 
+def hide_unassigned_gpus(gpu_ids: list[Any]) -> None:
+    """An actor Ray gave no GPU sees none: Ray leaves ``CUDA_VISIBLE_DEVICES`` alone for a
+    zero-GPU actor (``RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO`` is off by default), so a reward
+    model with ``device: auto`` on a GPU node would otherwise take GPU 0 from under the roles
+    that reserved it. Call before anything initialises CUDA."""
+    if not gpu_ids:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+
 def _load_policy(
     model: ModelConfig, image_size: int, with_lora: bool, text_encoders: bool = True
 ) -> Any:
@@ -105,6 +114,7 @@ class RewardWorker(Actor):
         from rewards.pool import RewardScorer
 
         _threads(threads)
+        hide_unassigned_gpus(ray.get_gpu_ids())  # rewards.resources.num_gpus = 0: the CPU
         self.scorer = RewardScorer(specs)
 
     def score(self, images: Any) -> Any:

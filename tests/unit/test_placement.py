@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -34,3 +36,13 @@ def test_cuda_without_a_gpu_names_the_settings() -> None:
 def test_unknown_setting() -> None:
     with pytest.raises(ValueError, match="allowed: auto, cpu, cuda"):
         resolve_device("tpu")
+
+
+def test_an_actor_given_no_gpu_sees_none(monkeypatch: pytest.MonkeyPatch) -> None:
+    from services.actors import hide_unassigned_gpus
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    hide_unassigned_gpus([3])  # given one: Ray has set the variable to it; left alone
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "0,1"
+    hide_unassigned_gpus([])
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == ""
