@@ -4,6 +4,9 @@ main job's own curve."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from services.config import RunConfig
@@ -12,6 +15,7 @@ from services.watch import RewardHackingGuard
 pytestmark = pytest.mark.unit
 
 WATCH = "eval/reward_aesthetic"
+GRID_RUNS = Path(__file__).resolve().parents[2] / "docs" / "results" / "grid_runs"
 
 
 def _feed(guard: RewardHackingGuard, evals: list[tuple[float, float]], every: int = 2) -> list:
@@ -46,15 +50,23 @@ def test_quiet_when_both_rise_and_a_streak_resets() -> None:
     assert not any(_feed(small, [(0, 5.0), (0.2, 4.97), (0.4, 4.95)]))  # within min_change
 
 
-def test_quiet_on_the_main_job() -> None:
-    """configs/shapes.yaml's run (README): training reward and held-out overall rise together."""
-    guard = RewardHackingGuard(["eval/overall"], "reward/mean", patience=1, min_change=0.0)
-    overall = [0.315, 0.403, 0.434, 0.536, 0.583, 0.593, 0.596]
-    reward = [None, 0.37, 0.50, 0.55, 0.64, 0.66, 0.70]
-    alarms = [guard.observe(0, {"eval/overall": overall[0]})]
-    for i in range(1, len(overall)):
-        alarms.append(guard.observe(4 * i, {"reward/mean": reward[i], "eval/overall": overall[i]}))
-    assert not any(alarms)
+@pytest.mark.parametrize("run", sorted(GRID_RUNS.glob("elbo-ode-pepg-s*.json")), ids=str)
+def test_quiet_on_the_main_job(run: Path) -> None:
+    """The main job's recorded runs (configs/shapes.yaml is the grid's ELBO + ODE, PEPG cell;
+    docs/results/grid_runs/ holds every round's training reward and every evaluation), fed
+    round by round as the driver does, with the guard's default settings watching held-out
+    overall: training reward and held-out overall rise together, so it never fires."""
+    record = json.loads(run.read_text())
+    evals = {e["round"]: e["overall"] for e in record["evals"]}
+    cfg = RunConfig().guard
+    guard = RewardHackingGuard(["eval/overall"], cfg.train_metric, cfg.patience, cfg.min_change)
+    alarms = [guard.observe(0, {"eval/overall": evals[0]})]
+    for round_, reward in zip(record["rounds"], record["reward"], strict=True):
+        metrics = {cfg.train_metric: reward}
+        if round_ in evals:
+            metrics["eval/overall"] = evals[round_]
+        alarms.append(guard.observe(round_, metrics))
+    assert not any(alarms), [a for a in alarms if a]
 
 
 def test_the_guard_watches_held_out_metrics_only() -> None:
