@@ -110,11 +110,29 @@ def ray_head() -> Iterator[Head]:
         shutil.rmtree(temp, ignore_errors=True)
 
 
+# The shared head's temp dir, for tests that look for its actor processes (pytest-xdist runs
+# one head per worker process on the same machine: a test must find its own head's actors).
+HEAD_TEMP_ENV = "ELBORL_TEST_HEAD_TEMP"
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _join_the_shared_head(ray_head: Head) -> Iterator[None]:
     os.environ[SHARED_HEAD_ENV] = ray_head.address
+    os.environ[HEAD_TEMP_ENV] = ray_head.temp_dir
     yield
     os.environ.pop(SHARED_HEAD_ENV, None)
+    os.environ.pop(HEAD_TEMP_ENV, None)
+
+
+def head_descendants(marker: str) -> set[int]:
+    """Pids of the processes of the head with temp dir ``marker`` and all their children
+    (the actors' workers descend from its raylet)."""
+    pids: set[int] = set()
+    for root in processes_of(marker):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            pids.add(root.pid)
+            pids.update(c.pid for c in root.children(recursive=True))
+    return pids
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import REPO
-from tests.e2e.conftest import STRAIGHT_TRAIN
+from tests.e2e.conftest import HEAD_TEMP_ENV, STRAIGHT_TRAIN, head_descendants
 from tests.e2e.helpers import metrics, run_train, tiny_config, train_cmd, train_env
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -41,10 +41,17 @@ def start_train(
     )
 
 
-def pids_titled(title: str) -> list[int]:
-    """Processes whose command line (Ray's process title for actors) starts with ``title``."""
+def pids_titled(title: str, own_head: bool = True) -> list[int]:
+    """Processes whose command line (Ray's process title for actors) holds ``title``; with
+    ``own_head``, only those of this session's shared head (another pytest-xdist worker's
+    head runs actors with the same titles)."""
     out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
-    return [int(line.split(None, 1)[0]) for line in out.splitlines() if title in line]
+    pids = [int(line.split(None, 1)[0]) for line in out.splitlines() if title in line]
+    marker = os.environ.get(HEAD_TEMP_ENV)
+    if own_head and marker:
+        mine = head_descendants(marker)
+        pids = [p for p in pids if p in mine]
+    return pids
 
 
 def kill_when_busy(
@@ -414,7 +421,11 @@ def _node_death_run(tmp_path: Path, cluster: Any, name: str) -> tuple[Path, int,
     node_id = _rollout_node(run, proc)
     victim = next(n for n in cluster.worker_nodes if n.node_id == node_id)
     end = time.monotonic() + 60
-    while not pids_titled("ray::RolloutWorker.generate") and time.monotonic() < end:
+    # This cluster is not the shared head; the wait only times the removal, so any
+    # generating rollout worker will do.
+    while not pids_titled("ray::RolloutWorker.generate", own_head=False) and (
+        time.monotonic() < end
+    ):
         time.sleep(0.02)  # remove the node while it is generating
     cluster.remove_node(victim, allow_graceful=False)
     rc, err = finish(proc)
