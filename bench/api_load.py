@@ -240,7 +240,7 @@ def _case(label: str, times: dict[int, float], load: _Load) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args("api_load", __doc__, argv)
-    rounds, images = (5, 16) if args.quick else (15, 64)  # 4 prompts x images
+    rounds, images = (3, 16) if args.quick else (15, 64)  # 4 prompts x images
     rows = []
     for label, idle_client in CASES[:1] if args.quick else CASES:
         with tempfile.TemporaryDirectory() as tmp:
