@@ -84,14 +84,20 @@ class _Load:
         self.requests = self.errors = 0
         self.statuses: dict[int, int] = {}  # status code (0: no answer) -> count
         self.lock = threading.Lock()
+        self._checked = (0.0, False)  # (when, loading then)
         self.latency_s: list[float] = []
         self.loaded_s = self.client_cpu_s = 0.0
 
     def loading(self) -> bool:
         """An even round is in progress (not the shutdown after the last round, when the
-        service is gone while the driver stops Ray)."""
-        now = self.current_round()
-        return self.proc.poll() is None and now <= self.rounds and now % 2 == 0
+        service is gone while the driver stops Ray). Read from the run's files at most every
+        50 ms, so that the generator's own CPU stays small."""
+        with self.lock:
+            if time.monotonic() - self._checked[0] > 0.05:
+                now = self.current_round()
+                on = self.proc.poll() is None and now <= self.rounds and now % 2 == 0
+                self._checked = (time.monotonic(), on)
+            return self._checked[1]
 
     def current_round(self) -> int:
         """The round in progress: one after the last complete record's."""

@@ -159,13 +159,25 @@ def _add_run_routes(app: FastAPI, reader: RunsReader, auth: list[Any]) -> None:
         runs.sort(key=lambda s: s.updated or 0.0, reverse=True)
         return RunList(runs=runs)
 
-    @app.get(f"{API}/runs/{{run_id}}", responses={**ERRORS, **NOT_FOUND}, **common)
-    async def get_run(run_id: RunId) -> RunDetail:
+    # These two answer with JSON the reader serialized once (a cached ``RunDetail`` or
+    # history), not a model FastAPI would validate and serialize again on every poll.
+    @app.get(
+        f"{API}/runs/{{run_id}}",
+        response_model=RunDetail,
+        responses={**ERRORS, **NOT_FOUND},
+        **common,
+    )
+    async def get_run(run_id: RunId) -> Response:
         """State, progress, reward and accuracy, throughput, ETA, workers, checkpoint, config."""
         run_path(run_id)
-        return reader.detail(run_id)
+        return Response(reader.detail_json(run_id), media_type="application/json")
 
-    @app.get(f"{API}/runs/{{run_id}}/metrics", responses={**ERRORS, **NOT_FOUND}, **common)
+    @app.get(
+        f"{API}/runs/{{run_id}}/metrics",
+        response_model=MetricsHistory,
+        responses={**ERRORS, **NOT_FOUND},
+        **common,
+    )
     async def get_metrics(
         run_id: RunId,
         since: Annotated[
@@ -177,11 +189,11 @@ def _add_run_routes(app: FastAPI, reader: RunsReader, auth: list[Any]) -> None:
                 description="Metric names to return, repeated or comma-separated; all if absent."
             ),
         ] = None,
-    ) -> MetricsHistory:
+    ) -> Response:
         """Per-round metrics history (``reward/mean``, ``eval/accuracy``, ``timing/round``...)."""
         run_path(run_id)
         wanted = [k.strip() for item in keys or [] for k in item.split(",") if k.strip()]
-        return reader.metrics(run_id, since, wanted)
+        return Response(reader.metrics_json(run_id, since, wanted), media_type="application/json")
 
     _add_sample_routes(app, reader, common)
 

@@ -34,6 +34,7 @@ from services.api.models import (
 # A run's detail is rebuilt when one of its files changes, and at least this often (seconds): a
 # driver that died writes nothing, and its state must still turn to ``failed``.
 DETAIL_TTL_S = 1.0
+MAX_CACHED_QUERIES = 256  # serialized metrics-history answers kept (cleared when full)
 GRID_NAME = re.compile(r"^(?P<eval>eval_)?round_(?P<round>\d{5,})\.png$")
 LIVE_STATES = ("starting", "running", "stopping")
 # The configuration fields worth a glance; a whitelist, so nothing else (and never the
@@ -84,6 +85,8 @@ class RunsReader:
         self._history: dict[str, _HistoryCache] = {}
         self._configs: dict[str, tuple[float, dict[str, Any]]] = {}
         self._details: dict[str, tuple[tuple[Any, ...], float, RunDetail]] = {}
+        self._detail_bodies: dict[str, tuple[RunDetail, bytes]] = {}
+        self._metrics_bodies: dict[tuple[Any, ...], bytes] = {}
 
     # ------------------------------------------------------------------ runs
     def run_ids(self) -> list[str]:
@@ -123,6 +126,19 @@ class RunsReader:
         with self._lock:
             self._details[run_id] = (key, now, detail)
         return detail
+
+    def detail_json(self, run_id: str) -> bytes:
+        """``detail`` as JSON, serialized once per cached detail (what a poll costs is then a
+        few ``stat`` calls and a send)."""
+        detail = self.detail(run_id)
+        with self._lock:
+            hit = self._detail_bodies.get(run_id)
+        if hit is not None and hit[0] is detail:
+            return hit[1]
+        body = detail.model_dump_json().encode()
+        with self._lock:
+            self._detail_bodies[run_id] = (detail, body)
+        return body
 
     def _fingerprint(self, run_id: str) -> tuple[Any, ...]:
         """What the detail is read from besides the newest complete checkpoint: its files'
@@ -217,6 +233,23 @@ class RunsReader:
                         cache.records.append(rec)
                         cache.keys.update(k for k in rec if k not in ("round", "time"))
             return cache.records
+
+    def metrics_json(self, run_id: str, since: int, keys: list[str]) -> bytes:
+        """``metrics`` as JSON, serialized once per history length and query (a few hundred
+        queries are kept; a dashboard asks the same ones every few seconds)."""
+        records = self.history(run_id)
+        with self._lock:
+            cache = self._history.get(run_id, _HistoryCache())
+            # The file read so far (its identity, the bytes taken) names the records exactly.
+            key = (run_id, cache.inode, cache.offset, len(records), since, tuple(keys))
+            body = self._metrics_bodies.get(key)
+        if body is None:
+            body = self.metrics(run_id, since, keys).model_dump_json().encode()
+            with self._lock:
+                if len(self._metrics_bodies) >= MAX_CACHED_QUERIES:
+                    self._metrics_bodies.clear()
+                self._metrics_bodies[key] = body
+        return body
 
     def metrics(self, run_id: str, since: int, keys: list[str]) -> MetricsHistory:
         records = self.history(run_id)

@@ -50,7 +50,9 @@ def test_quiet_when_both_rise_and_a_streak_resets() -> None:
     assert not any(_feed(small, [(0, 5.0), (0.2, 4.97), (0.4, 4.95)]))  # within min_change
 
 
-@pytest.mark.parametrize("run", sorted(GRID_RUNS.glob("elbo-ode-pepg-s*.json")), ids=str)
+@pytest.mark.parametrize(
+    "run", sorted(GRID_RUNS.glob("elbo-ode-pepg-s*.json")), ids=lambda p: p.stem
+)
 def test_quiet_on_the_main_job(run: Path) -> None:
     """The main job's recorded runs (configs/shapes.yaml is the grid's ELBO + ODE, PEPG cell;
     docs/results/grid_runs/ holds every round's training reward and every evaluation), fed
