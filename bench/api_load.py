@@ -124,7 +124,7 @@ class _Load:
             t.join()
 
     def _client_loop(self, url: str, k: int) -> None:
-        if self.idle_client:  # this thread only (Linux: 0 is the calling thread)
+        if self.idle_client and hasattr(os, "SCHED_IDLE"):  # this thread only (Linux: 0 is it)
             os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
         paths = ["/api/v1/runs/load", "/api/v1/runs/load/metrics", "/metrics"]
         client, rate = _Client(url, TOKEN), self.rps / CLIENTS

@@ -103,8 +103,13 @@ class SDPolicy(LatentPolicy):
             tau.to(dtype),
             encoder_hidden_states=cond["prompt_embeds"].to(dtype),
             return_dict=False,
+            **self._added_conditions(x_vp, cond),
         )[0]
         return out
+
+    def _added_conditions(self, x_vp: Tensor, cond: dict[str, Tensor]) -> dict[str, Any]:
+        """Extra UNet inputs of the family (none for SD1.x/SD2.x)."""
+        return {}
 
     def sampling_grid(self, shift: float, grid: str) -> tuple[float, str]:
         """Always the scheduler's trailing DDIM timesteps: the only grid that starts within
@@ -135,22 +140,13 @@ class SDXLPolicy(SDPolicy):
             pooled = torch.where(empty.view(-1, 1), 0.0, pooled)
         return embeds, pooled
 
-    def _unet(self, x_vp: Tensor, tau: Tensor, cond: dict[str, Tensor]) -> Tensor:
+    def _added_conditions(self, x_vp: Tensor, cond: dict[str, Tensor]) -> dict[str, Any]:
+        """``text_time``: the pooled text and the (original size, crop top-left, target size)
+        ids, here the generated size, uncropped."""
         dtype, side = self.dtype, float(self.image_size)
-        # (original size, crop top-left, target size): the generated size, uncropped.
         ids = torch.tensor([side, side, 0.0, 0.0, side, side], device=x_vp.device, dtype=dtype)
-        added = {
-            "text_embeds": cond["pooled"].to(dtype),
-            "time_ids": ids.expand(x_vp.shape[0], 6),
-        }
-        out: Tensor = self.denoiser(
-            x_vp.to(dtype),
-            tau.to(dtype),
-            encoder_hidden_states=cond["prompt_embeds"].to(dtype),
-            added_cond_kwargs=added,
-            return_dict=False,
-        )[0]
-        return out
+        added = {"text_embeds": cond["pooled"].to(dtype), "time_ids": ids.expand(len(x_vp), 6)}
+        return {"added_cond_kwargs": added}
 
 
 def check_sd_directory(path: str | Path, text_encoders: bool = True) -> Path:

@@ -84,8 +84,8 @@ class RunsReader:
         self._lock = threading.Lock()
         self._history: dict[str, _HistoryCache] = {}
         self._configs: dict[str, tuple[float, dict[str, Any]]] = {}
-        self._details: dict[str, tuple[tuple[Any, ...], float, RunDetail]] = {}
-        self._detail_bodies: dict[str, tuple[RunDetail, bytes]] = {}
+        # run id -> (fingerprint, when built, detail, the detail as JSON)
+        self._details: dict[str, tuple[tuple[Any, ...], float, RunDetail, bytes]] = {}
         self._metrics_bodies: dict[tuple[Any, ...], bytes] = {}
 
     # ------------------------------------------------------------------ runs
@@ -115,30 +115,26 @@ class RunsReader:
     def detail(self, run_id: str) -> RunDetail:
         """The run's detail; cached until one of its files changes or ``DETAIL_TTL_S`` passes
         (a dashboard and scrapers polling many times a second cost a few ``stat`` calls)."""
+        return self._cached_detail(run_id)[2]
+
+    def detail_json(self, run_id: str) -> bytes:
+        """``detail`` as JSON, serialized once per cached detail (what a poll costs is then a
+        few ``stat`` calls and a send)."""
+        return self._cached_detail(run_id)[3]
+
+    def _cached_detail(self, run_id: str) -> tuple[tuple[Any, ...], float, RunDetail, bytes]:
         ckpt = _last_checkpoint(self.root / run_id)
         key = (*self._fingerprint(run_id), ckpt.name if ckpt else None)
         now = time.monotonic()
         with self._lock:
             hit = self._details.get(run_id)
         if hit is not None and hit[0] == key and now - hit[1] < DETAIL_TTL_S:
-            return hit[2]
+            return hit
         detail = self._detail(run_id, ckpt)
+        entry = (key, now, detail, detail.model_dump_json().encode())
         with self._lock:
-            self._details[run_id] = (key, now, detail)
-        return detail
-
-    def detail_json(self, run_id: str) -> bytes:
-        """``detail`` as JSON, serialized once per cached detail (what a poll costs is then a
-        few ``stat`` calls and a send)."""
-        detail = self.detail(run_id)
-        with self._lock:
-            hit = self._detail_bodies.get(run_id)
-        if hit is not None and hit[0] is detail:
-            return hit[1]
-        body = detail.model_dump_json().encode()
-        with self._lock:
-            self._detail_bodies[run_id] = (detail, body)
-        return body
+            self._details[run_id] = entry
+        return entry
 
     def _fingerprint(self, run_id: str) -> tuple[Any, ...]:
         """What the detail is read from besides the newest complete checkpoint: its files'
