@@ -23,7 +23,22 @@ RAY=${RAY:-ray}
 command -v "$RAY" >/dev/null || RAY=.venv/bin/ray
 runs_root=${ELBORL_RUNS_DIR:-$PWD/runs}
 case "$runs_root" in /*) ;; *) runs_root="$PWD/$runs_root" ;; esac
-exec "$RAY" job submit "${wait_flag[@]}" \
-  --runtime-env deploy/runtime_env.yaml \
-  --entrypoint-num-cpus 0 \
-  -- env ELBORL_RUNS_DIR="$runs_root" elborl train --config "$config" "$@"
+# A head that has just started may not have its job agent yet: Ray then refuses the submission
+# ("No available agent to submit job, please try again later") before any job exists, so that
+# one error is retried (5 times, 5 s apart); any other outcome is the job's.
+out=$(mktemp)
+trap 'rm -f "$out"' EXIT
+for attempt in 1 2 3 4 5 6; do
+  set +e
+  "$RAY" job submit "${wait_flag[@]}" \
+    --runtime-env deploy/runtime_env.yaml \
+    --entrypoint-num-cpus 0 \
+    -- env ELBORL_RUNS_DIR="$runs_root" elborl train --config "$config" "$@" 2>&1 | tee "$out"
+  rc=${PIPESTATUS[0]}
+  set -e
+  if [ "$rc" = 0 ] || [ "$attempt" = 6 ] || ! grep -q "No available agent" "$out"; then
+    exit "$rc"
+  fi
+  echo "submit.sh: the cluster's job agent is not up yet; retrying in 5 s ($attempt/5)" >&2
+  sleep 5
+done

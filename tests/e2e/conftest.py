@@ -97,6 +97,14 @@ def ray_head() -> Iterator[Head]:
         "--include-dashboard=true",
         "--dashboard-host=127.0.0.1",
         f"--dashboard-port={dash}",
+        # Ray's fixed defaults (agent 52365, client server 10001) would collide between the
+        # heads of two pytest-xdist workers: the second head's job agent then never registers
+        # and `ray job submit` gets "No available agent to submit job".
+        f"--dashboard-agent-listen-port={free_port()}",
+        f"--dashboard-agent-grpc-port={free_port()}",
+        f"--runtime-env-agent-port={free_port()}",
+        f"--metrics-export-port={free_port()}",
+        f"--ray-client-server-port={free_port()}",
         f"--object-store-memory={200 * 2**20}",
         "--disable-usage-stats",
         f"--temp-dir={temp}",

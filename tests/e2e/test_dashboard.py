@@ -9,8 +9,9 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -81,6 +82,13 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path
     assert TOKEN not in err
 
 
+def _until(ready: Callable[[], Any], timeout_s: float = 30.0) -> None:
+    end = time.monotonic() + timeout_s
+    while not ready():
+        assert time.monotonic() < end, "the dashboard never got there"
+        time.sleep(0.2)
+
+
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="no Chromium; scripts/setup.sh installs it")
 def test_dashboard_in_headless_chromium(served: tuple[str, Path], tmp_path: Path) -> None:
     from playwright.sync_api import sync_playwright
@@ -102,13 +110,13 @@ def test_dashboard_in_headless_chromium(served: tuple[str, Path], tmp_path: Path
             page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
             page.goto(f"{url}/?refresh=1#token={TOKEN}", timeout=30_000)
             page.wait_for_selector('#state[data-state="finished"]', timeout=30_000)
-            page.wait_for_function(
-                "document.querySelectorAll('#reward-chart circle.pt').length >= 2", timeout=30_000
-            )
-            page.wait_for_function(
-                "document.getElementById('samples-img').complete && "
-                "document.getElementById('samples-img').naturalWidth > 0",
-                timeout=30_000,
+            # Polled from here: Playwright's wait_for_function evaluates its string with eval
+            # inside the page, which the dashboard's CSP (no 'unsafe-eval') rightly refuses.
+            _until(lambda: page.locator("#reward-chart circle.pt").count() >= 2)
+            _until(
+                lambda: page.locator("#samples-img").evaluate(
+                    "img => img.complete && img.naturalWidth > 0"
+                )
             )
             assert page.locator("#state").inner_text().lower() == "finished"
             assert page.locator("#reward-chart circle.pt").count() == 3
