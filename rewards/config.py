@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from pydantic import Field, field_validator, model_validator
@@ -58,6 +59,38 @@ class RewardSpec(Section):
         return self
 
 
+# Summary keys of the reward metrics (`reward/mean`...): a reward's own curve `reward/<name>`
+# must not take one of them.
+RESERVED_NAMES = ("mean", "std", "accuracy", "diversity")
+
+
+def metric_name(spec: RewardSpec) -> str | None:
+    """The name a reward's metrics are keyed by, where the config alone tells it: a registered
+    reward's name, a `module:Class` reward's class name, a remote reward's `params.reward`
+    (None when the server is to say)."""
+    if spec.name == "remote":
+        served = spec.params.get("reward")
+        return str(served) if served else None
+    return spec.name.partition(":")[2] or spec.name
+
+
+def check_metric_names(names: Sequence[str | None], where: str) -> None:
+    """``ValueError`` unless every known name is unique and none is a summary key."""
+    known = [n for n in names if n is not None]
+    for n in known:
+        if n in RESERVED_NAMES:
+            raise ValueError(
+                f"{where}: a reward named {n!r} would overwrite the summary metric "
+                f"`reward/{n}`; rename it (a `module:Class` reward: set its `name`)"
+            )
+    dup = sorted({n for n in known if known.count(n) > 1})
+    if dup:
+        raise ValueError(
+            f"{where}: rewards {dup} appear more than once, so one's metrics would overwrite "
+            "the other's; list each reward once (weights add up) or give each its own name"
+        )
+
+
 class RewardsConfig(Section):
     """The reward actor pool."""
 
@@ -76,3 +109,9 @@ class RewardsConfig(Section):
         description="Per-call scoring timeout, seconds: a reward actor that has not answered "
         "by then is killed and replaced, and the batch retried (see `faults.reward_retries`).",
     )
+
+    @field_validator("functions")
+    @classmethod
+    def _distinct_names(cls, v: list[RewardSpec]) -> list[RewardSpec]:
+        check_metric_names([metric_name(s) for s in v], "rewards.functions")
+        return v

@@ -13,7 +13,7 @@ from typing import Protocol
 import numpy as np
 
 from rewards.base import build_reward
-from rewards.config import RewardSpec
+from rewards.config import RewardSpec, check_metric_names
 from rewards.diversity import group_diversity
 
 
@@ -59,6 +59,7 @@ class RewardScorer:
         for s in specs:
             reward = build_reward(s.name, s.params)
             self.rewards.append((reward, s.weight, s.range or reward.range))
+        check_metric_names([r.name for r, _, _ in self.rewards], "rewards")
 
     def score(self, batch: RolloutImagesLike) -> ScoredBatch:
         """Score every image of a rollout batch against its prompt."""

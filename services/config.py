@@ -28,7 +28,7 @@ from common.config import PositiveInt, Resources, Section
 from learner.config import LearnerConfig
 from learner.estimators import ESTIMATORS
 from policy.config import LoraConfig, ModelConfig, PretrainConfig
-from rewards.config import RewardsConfig, RewardSpec
+from rewards.config import RewardsConfig, RewardSpec, check_metric_names, metric_name
 from rollout.config import EvalConfig, RolloutConfig, SamplingConfig
 from worlds.base import WorldConfig, world_class, world_names
 
@@ -192,6 +192,12 @@ class EvalSettings(EvalConfig):
         "`eval/reward_<name>` (the mean over valid scores): watch rewards you do not train "
         "on, e.g. an aesthetic score and CLIP score while training on PickScore.",
     )
+
+    @field_validator("rewards")
+    @classmethod
+    def _distinct_names(cls, v: list[RewardSpec]) -> list[RewardSpec]:
+        check_metric_names([metric_name(s) for s in v], "eval.rewards")
+        return v
 
 
 class RunConfig(_Section):

@@ -130,3 +130,18 @@ def test_a_real_model_kind_drops_the_tiny_checkpoint_default() -> None:
     cfg = load_config(None, ["model.kind=sd3", "model.path=/models/sd35m"])
     assert cfg.model.checkpoint is None and cfg.model.path == "/models/sd35m"
     assert cfg.model.lora.target_modules is None  # the kind's default targets
+
+
+def test_rewards_whose_metrics_would_collide_are_rejected(tmp_path: Path) -> None:
+    twice = "rewards: {functions: [{name: shapes}, {name: shapes, weight: 2}]}\n"
+    with pytest.raises(ConfigError, match=r"rewards\.functions.*\['shapes'\].*more than once"):
+        load_config(_write(tmp_path, twice))
+    reserved = "rewards: {functions: [{name: shapes}, {name: 'mypkg.rewards:accuracy'}]}\n"
+    with pytest.raises(ConfigError, match=r"overwrite the summary metric `reward/accuracy`"):
+        load_config(_write(tmp_path, reserved))
+    watched = "eval: {rewards: [{name: jpeg_compressibility}, {name: jpeg_compressibility}]}\n"
+    with pytest.raises(ConfigError, match=r"eval\.rewards.*more than once"):
+        load_config(_write(tmp_path, watched))
+    # The same reward trained on and watched is fine: their metrics live apart.
+    both = "rewards: {functions: [{name: shapes}]}\neval: {rewards: [{name: shapes}]}\n"
+    assert load_config(_write(tmp_path, both)).eval.rewards[0].name == "shapes"

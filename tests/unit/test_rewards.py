@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import pytest
 
-from rewards.base import build_reward
+from rewards.base import Reward, RewardOutput, build_reward
+from rewards.config import RewardSpec
+from rewards.pool import RewardScorer
 from worlds.shapes.grammar import heldout_prompts
 from worlds.shapes.render import render_batch
 
@@ -52,3 +56,19 @@ def test_strict_shapes_reward_is_the_all_clause_indicator() -> None:
     shifted = strict.score(images, prompts[1:] + prompts[:1]).scores
     partial = build_reward("shapes").score(images, prompts[1:] + prompts[:1]).scores
     np.testing.assert_array_equal(shifted, (partial == 1.0).astype(float))
+
+
+class Mean(Reward):
+    """A user's reward whose own name would take the summary key ``reward/mean``."""
+
+    name = "mean"
+
+    def score(self, images: np.ndarray, prompts: Sequence[str]) -> RewardOutput:
+        return RewardOutput(np.zeros(len(prompts)))
+
+
+def test_the_scorer_refuses_a_reward_named_like_a_summary_metric() -> None:
+    # The config cannot see a class's own `name`; the scorer, built before any round, can.
+    specs = [RewardSpec(name="shapes"), RewardSpec(name="tests.unit.test_rewards:Mean")]
+    with pytest.raises(ValueError, match=r"named 'mean' would overwrite .*`reward/mean`"):
+        RewardScorer(specs)
